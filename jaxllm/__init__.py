@@ -1,0 +1,1 @@
+"""jaxllm: a vLLM-class inference engine on JAX."""

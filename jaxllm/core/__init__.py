@@ -1,0 +1,1 @@
+"""Host-side policy: block pool, KV cache manager, scheduler. Never imports jax."""

@@ -1,0 +1,3 @@
+from pallas_kernels.kv_cache_update.reference import update_kv_cache
+
+__all__ = ["update_kv_cache"]

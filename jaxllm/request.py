@@ -33,7 +33,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  *, max_tokens: int, arrival_time: float | None = None, priority: int = 0,
-                 eos_token_ids: frozenset[int] = frozenset()):
+                 eos_token_ids: frozenset[int] = frozenset(), seed: int = 0):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -41,6 +41,9 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
         self.eos_token_ids = eos_token_ids
+        # Sampling seed: SamplingParams.seed, or one the engine drew for an unseeded request. The
+        # draw for the k-th output token depends only on (seed, k), whatever else is in the batch.
+        self.seed = seed
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.output_token_ids: list[int] = []

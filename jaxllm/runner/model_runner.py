@@ -1,0 +1,195 @@
+"""ModelRunner: host → device. Packs each SchedulerOutput and runs ONE jitted step.
+
+``step(state, kv_caches[donated], input_ids, attn_md, logits_indices, sampling_md)
+    -> (kv_caches, SamplerOutput, hidden)``
+
+The NNX graph is split from its state once (``nnx.split``) and the jitted function is pure in the
+state, so the traced program does not carry Python module structure and tracing is cheap. The KV
+cache is donated, so XLA updates it in place. Every (tokens, seqs) bucket is compiled at start-up;
+``num_compilations`` counts the compiled specializations and must not grow afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxllm.config import EngineConfig
+from jaxllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from jaxllm.layers.attention_metadata import AttentionMetadata
+from jaxllm.layers.sampler import sample
+from jaxllm.layers.sampling_metadata import SamplingMetadata
+from jaxllm.runner import kv_cache as kvc
+from jaxllm.runner.batch import MAX_BANNED, HostBatch, pack_batch
+from jaxllm.runner.buckets import Bucket, make_buckets, pick_bucket
+
+logger = logging.getLogger(__name__)
+
+NUM_LOGPROBS = 20
+
+
+def _step_fn(graphdef, state, kv_caches, input_ids, attn_md, logits_indices, sampling_md):
+    model = nnx.merge(graphdef, state)
+    kv_caches, hidden = model(kv_caches, input_ids, attn_md)   # hidden: [T, D]
+    logits = model.compute_logits(hidden[logits_indices])       # [S, V]
+    out = sample(logits, sampling_md, NUM_LOGPROBS)
+    return kv_caches, out, hidden
+
+
+def _prompt_logprobs_fn(graphdef, state, hidden, target_ids):
+    """Logprob of each next prompt token and the top-k at every position: hidden [T, D]."""
+    model = nnx.merge(graphdef, state)
+    logp = jax.nn.log_softmax(model.compute_logits(hidden).astype(jnp.float32), axis=-1)  # [T, V]
+    target = jnp.take_along_axis(logp, target_ids[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, NUM_LOGPROBS)
+    return target, top_ids, top_lp
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: nnx.Module, *, mesh=None, kv_sharding=None):
+        self.config = config
+        self.mesh = mesh
+        sc, cc, mc = config.scheduler_config, config.cache_config, config.model_config
+        self.block_size = cc.block_size
+        self.max_model_len = mc.max_model_len
+        self.pages_per_seq = math.ceil(self.max_model_len / self.block_size)
+        self.buckets: list[Bucket] = make_buckets(sc.max_num_batched_tokens, sc.max_num_seqs)
+
+        self.graphdef, self.state = nnx.split(model)
+        num_layers, num_kv_heads, head_dim = model.kv_cache_spec
+        self.kv_dtype = model.dtype if hasattr(model, "dtype") else jnp.float32
+        self._step = jax.jit(functools.partial(_step_fn, self.graphdef), donate_argnums=(1,))
+        self._prompt_lp = jax.jit(functools.partial(_prompt_logprobs_fn, self.graphdef))
+
+        per_block = kvc.bytes_per_block(num_layers, num_kv_heads, head_dim, self.block_size, self.kv_dtype)
+        divisor = 1
+        if kv_sharding is not None and mesh is not None:
+            divisor = min(mesh.shape.get("model", 1), 2 * num_kv_heads)
+        self.num_blocks = kvc.num_blocks_for(
+            num_kv_blocks=cc.num_kv_blocks, per_block=per_block, device=jax.devices()[0],
+            utilization=cc.gpu_memory_utilization, reserve_bytes=self._activation_reserve(model),
+            max_num_seqs=sc.max_num_seqs, max_model_len=self.max_model_len, block_size=self.block_size,
+            divisor=divisor)
+        self.kv_caches = kvc.allocate_kv_caches(num_layers, self.num_blocks, self.block_size, num_kv_heads,
+                                                head_dim, self.kv_dtype, kv_sharding)
+        tokens = self.num_blocks * self.block_size
+        logger.info("KV cache: %d blocks × %d tokens = %d tokens (%.2f GiB); max concurrency at "
+                    "max_model_len=%d: %.2fx", self.num_blocks, self.block_size, tokens,
+                    self.num_blocks * per_block / 2**30, self.max_model_len, tokens / self.max_model_len)
+        self._empty_hist: dict[int, jax.Array] = {}
+
+    # ---------------------------------------------------------------- sizing
+    def _activation_reserve(self, model) -> int:
+        """Rough upper bound of the step's temporaries: a few [T, D] / [T, I] buffers and [S, V] logits."""
+        cfg = getattr(model, "config", None)
+        sc = self.config.scheduler_config
+        if cfg is None:
+            return 1 << 30
+        t = sc.max_num_batched_tokens
+        s = min(t, sc.max_num_seqs)
+        width = 4 * cfg.hidden_size + 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        return int(t * width * 4 + 3 * s * cfg.vocab_size * 4 + (256 << 20))
+
+    # ---------------------------------------------------------------- compile
+    @property
+    def num_compilations(self) -> int:
+        return self._step._cache_size() + self._prompt_lp._cache_size()
+
+    def precompile(self, progress: bool = True) -> float:
+        """Compile every bucket (runs each once on an all-padding batch). Returns seconds taken."""
+        t0 = time.perf_counter()
+        for bucket in tqdm(self.buckets, desc="Compiling buckets", disable=not progress, leave=False):
+            hb = pack_batch(SchedulerOutput(), bucket, self.block_size, self.pages_per_seq, self.max_model_len)
+            out, hidden = self._run(hb)
+            jax.block_until_ready(out.token_ids)
+            self._prompt_lp(self.state, hidden, jnp.zeros(bucket.num_tokens, jnp.int32))
+        jax.effects_barrier()
+        return time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- step
+    def _hist(self, hb: HostBatch) -> jax.Array:
+        if hb.hist_ids is not None:
+            return jnp.asarray(hb.hist_ids)
+        s = hb.bucket.num_seqs
+        if s not in self._empty_hist:
+            self._empty_hist[s] = jnp.full((s, self.max_model_len), -1, jnp.int32)
+        return self._empty_hist[s]
+
+    def _run(self, hb: HostBatch):
+        attn_md = AttentionMetadata(
+            input_positions=hb.positions, slot_mapping=hb.slot_mapping, kv_lens=hb.kv_lens,
+            page_indices=hb.page_indices, cu_q_lens=hb.cu_q_lens,
+            num_seqs=np.array([hb.num_seqs], np.int32))
+        sampling_md = SamplingMetadata(
+            temperature=hb.temperature, top_k=hb.top_k, top_p=hb.top_p, min_p=hb.min_p,
+            presence_penalty=hb.presence_penalty, frequency_penalty=hb.frequency_penalty,
+            repetition_penalty=hb.repetition_penalty, seeds=hb.seeds, steps=hb.steps,
+            hist_ids=self._hist(hb), prompt_lens=hb.prompt_lens, banned_ids=hb.banned_ids,
+            any_penalties=np.asarray(hb.hist_ids is not None),
+            any_top_k_top_p=np.asarray(hb.any_top_k_top_p))
+        self.kv_caches, out, hidden = self._step(self.state, self.kv_caches, hb.input_ids, attn_md,
+                                                 hb.logits_indices, sampling_md)
+        return out, hidden
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        n_tokens = so.total_num_scheduled_tokens
+        bucket = pick_bucket(self.buckets, n_tokens, len(so.scheduled))
+        hb = pack_batch(so, bucket, self.block_size, self.pages_per_seq, self.max_model_len)
+        out, hidden = self._run(hb)
+
+        result = ModelRunnerOutput()
+        token_ids = np.asarray(out.token_ids)  # the one device → host sync of a step
+        want_lp = [i for i, sr in enumerate(so.scheduled)
+                   if sr.samples and sr.request.sampling_params.logprobs is not None]
+        if want_lp:
+            lp, top_ids, top_lp = jax.device_get((out.logprobs, out.top_ids, out.top_logprobs))
+        for i, sr in enumerate(so.scheduled):
+            if not sr.samples:
+                continue
+            tok = int(token_ids[i])
+            result.sampled_token_ids[sr.request_id] = [tok]
+        for i in want_lp:
+            sr = so.scheduled[i]
+            k = sr.request.sampling_params.logprobs
+            d = {int(t): float(v) for t, v in zip(top_ids[i, :k], top_lp[i, :k])}
+            d[int(token_ids[i])] = float(lp[i])
+            result.logprobs[sr.request_id] = [d]
+        self._prompt_logprobs(so, hidden, hb, result)
+        return result
+
+    def _prompt_logprobs(self, so: SchedulerOutput, hidden, hb: HostBatch, result: ModelRunnerOutput):
+        """Logprobs of prompt tokens for requests that asked (OpenAI `echo` + `logprobs`).
+
+        Position p's logits score prompt token p+1; the first prompt token has none (None)."""
+        rows = [(i, sr) for i, sr in enumerate(so.scheduled)
+                if sr.request.sampling_params.prompt_logprobs is not None
+                and sr.num_computed_tokens < sr.request.num_prompt_tokens]
+        if not rows:
+            return
+        targets = np.zeros(hb.bucket.num_tokens, np.int32)
+        for i, sr in rows:
+            req, start = sr.request, sr.num_computed_tokens
+            end = min(start + sr.num_scheduled_tokens, req.num_prompt_tokens - 1)
+            if end > start:
+                off = hb.cu_q_lens[i]
+                targets[off:off + end - start] = req.prompt_token_ids[start + 1:end + 1]
+        tgt, top_ids, top_lp = jax.device_get(self._prompt_lp(self.state, hidden, targets))
+        for i, sr in rows:
+            req, start = sr.request, sr.num_computed_tokens
+            k = req.sampling_params.prompt_logprobs
+            end = min(start + sr.num_scheduled_tokens, req.num_prompt_tokens - 1)
+            entries: list[dict[int, float] | None] = [None] if start == 0 else []
+            off = hb.cu_q_lens[i]
+            for j in range(end - start):
+                d = {int(t): float(v) for t, v in zip(top_ids[off + j, :k], top_lp[off + j, :k])}
+                d[int(targets[off + j])] = float(tgt[off + j])
+                entries.append(d)
+            result.prompt_logprobs[sr.request_id] = entries

@@ -148,8 +148,16 @@ def gumbel_sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array) -> jax.
     return jnp.argmax(logits + g, axis=-1).astype(jnp.int32)
 
 
-def _sample_random(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """Temperature → top-k → top-p → min-p → draw, for every row (greedy rows use T = 1)."""
+def filter_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Temperature → top-k → top-p → min-p for every row (greedy rows use T = 1).
+
+    Args:
+      logits: f32[S, V], banned ids and penalties already applied.
+
+    Returns:
+      f32[S, V]: temperature-scaled logits, -inf where a filter removed the token; sampling
+      from their softmax is what a random row does.
+    """
     greedy = md.temperature < SAMPLING_EPS
     temp = jnp.where(greedy, 1.0, md.temperature)[:, None]                      # [S, 1]
     scaled = logits / temp                                                       # [S, V]
@@ -157,10 +165,9 @@ def _sample_random(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
         md.any_top_k_top_p,
         lambda x: top_k_top_p_threshold(x, md.top_k, md.top_p),
         lambda x: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype),
-        scaled)
+        scaled)                                                                  # [S, 1]
     scaled = jnp.where(scaled >= thresh, scaled, -jnp.inf)
-    scaled = apply_min_p(scaled, md.min_p)
-    return gumbel_sample(scaled, md.seeds, md.steps)
+    return apply_min_p(scaled, md.min_p)
 
 
 def sample(logits: jax.Array, md: SamplingMetadata, num_logprobs: int = 20) -> SamplerOutput:
@@ -183,7 +190,8 @@ def sample(logits: jax.Array, md: SamplingMetadata, num_logprobs: int = 20) -> S
     greedy = md.temperature < SAMPLING_EPS
     token_ids = lax.cond(jnp.all(greedy),
                          lambda x: greedy_ids,
-                         lambda x: jnp.where(greedy, greedy_ids, _sample_random(x, md)),
+                         lambda x: jnp.where(
+                             greedy, greedy_ids, gumbel_sample(filter_logits(x, md), md.seeds, md.steps)),
                          logits)
 
     logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]

@@ -1,0 +1,74 @@
+"""Self-attention over the paged KV cache (Llama / Mistral / Qwen2 / Qwen3).
+
+q/k/v projections → (Qwen3: per-head RMSNorm of q and k) → RoPE at each token's position →
+write k/v into their cache slots → ragged paged attention → o_proj.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from jaxllm.layers.attention_metadata import AttentionMetadata
+from jaxllm.layers.linear import COLUMN_PARALLEL, ROW_PARALLEL, Linear
+from jaxllm.layers.norm import RMSNorm
+from jaxllm.layers.rope import RotaryEmbedding
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention reading and writing one layer's KV pages.
+
+    Args:
+        hidden_size: model width.
+        num_heads / num_kv_heads / head_dim: query heads, key/value heads, per-head size.
+        qkv_bias: q/k/v projections have a bias (Qwen2, Llama ``attention_bias``).
+        o_bias: o_proj has a bias (Llama ``attention_bias``).
+        qk_norm_eps: if set, RMSNorm each q and k head before RoPE (Qwen3).
+        rope: the rotary embedding shared by all layers.
+        sliding_window: attend only to the last ``sliding_window`` keys (None: full).
+        attention_backend: passed to ``pallas_kernels.ragged_paged_attention``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 qkv_bias: bool, o_bias: bool, qk_norm_eps: float | None, rope: RotaryEmbedding,
+                 sliding_window: int | None, attention_backend: str, dtype: jnp.dtype):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.sliding_window = sliding_window
+        self.attention_backend = attention_backend
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, use_bias=qkv_bias, dtype=dtype,
+                             sharding=COLUMN_PARALLEL)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias, dtype=dtype,
+                             sharding=COLUMN_PARALLEL)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias, dtype=dtype,
+                             sharding=COLUMN_PARALLEL)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, use_bias=o_bias, dtype=dtype,
+                             sharding=ROW_PARALLEL)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope = rope
+
+    def __call__(self, kv_cache: jax.Array, x: jax.Array, md: AttentionMetadata
+                 ) -> tuple[jax.Array, jax.Array]:
+        # kv_cache: [num_pages, page_size, 2 * Hkv, D]; x: [T, hidden]
+        T = x.shape[0]
+        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)      # [T, H, D]
+        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
+        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rope.cos_sin(md.input_positions, q.dtype)        # [T, D]
+        q = RotaryEmbedding.apply(q, cos, sin)
+        k = RotaryEmbedding.apply(k, cos, sin)
+        kv_cache = pallas_kernels.update_kv_cache(kv_cache, k, v, md.slot_mapping)
+        o = pallas_kernels.ragged_paged_attention(
+            q, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
+            sm_scale=self.head_dim ** -0.5, sliding_window=self.sliding_window,
+            backend=self.attention_backend)                                # [T, H, D]
+        return kv_cache, self.o_proj(o.reshape(T, self.num_heads * self.head_dim))

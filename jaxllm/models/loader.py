@@ -1,0 +1,200 @@
+"""Build a model from a local Hugging Face checkpoint directory.
+
+The model is created abstractly (``nnx.eval_shape``: shapes only, no memory), then every
+parameter is filled one tensor at a time from the safetensors files (or with random "dummy"
+weights), placed directly with its tensor-parallel sharding when a mesh is given. So a model
+never exists twice in memory.
+
+HF names map onto the NNX tree one to one: ``model.layers.3.mlp.up_proj.weight`` [out, in]
+is ``model.layers[3].mlp.up_proj.kernel`` [in, out] (transposed); ``embed_tokens.weight`` is
+``embed_tokens.embedding``; norm ``weight`` and ``bias`` keep their names.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.hf_config import resolve_dtype
+from jaxllm.models.registry import get_model_class
+
+_INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
+
+
+class _Target:
+    """One model parameter and how its checkpoint tensor maps onto it."""
+
+    def __init__(self, var: nnx.Param, transpose: bool):
+        self.var = var
+        self.transpose = transpose
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.var.get_value().shape)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.transpose else self.shape
+
+
+def hf_param_map(model: nnx.Module) -> dict[str, _Target]:
+    """HF tensor name → model parameter, for every parameter of ``model``."""
+    targets = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        *prefix, leaf = (str(p) for p in path)
+        if leaf == "kernel":
+            targets[".".join([*prefix, "weight"])] = _Target(var, transpose=True)
+        elif leaf == "embedding":
+            targets[".".join([*prefix, "weight"])] = _Target(var, transpose=False)
+        else:  # RMSNorm "weight", Linear "bias"
+            targets[".".join([*prefix, leaf])] = _Target(var, transpose=False)
+    return targets
+
+
+def _is_ignored(name: str, tied: bool) -> bool:
+    # Rotary tables are recomputed; a tied checkpoint may still carry an lm_head copy.
+    return name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight")
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files (from the index when sharded).
+
+    Raises:
+        ValueError: only pickle files (*.bin/*.pt/*.pth) are present.
+        FileNotFoundError: no weights at all.
+    """
+    index = os.path.join(path, _INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted({os.path.join(path, fn) for fn in weight_map.values()})
+        missing = [fn for fn in files if not os.path.isfile(fn)]
+        if missing:
+            raise FileNotFoundError(f"model: {index} lists missing files {missing}")
+        return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        return files
+    pickles = [p for pat in _PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pat))]
+    if pickles:
+        raise ValueError(
+            f"model: {path!r} holds only pickle weights ({sorted(os.path.basename(p) for p in pickles)}); "
+            "loading pickle files can run arbitrary code, so jaxllm reads only *.safetensors. "
+            "Convert the checkpoint, e.g. transformers' "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True).")
+    raise FileNotFoundError(f"model: no *.safetensors weights in {path!r}")
+
+
+def _place(x: jax.Array, var: nnx.Param, mesh: Mesh | None) -> jax.Array:
+    if mesh is None:
+        return x
+    spec = var.get_metadata().get("out_sharding") or ()
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def _iter_tensors(files: list[str]) -> Iterator[tuple[str, Any]]:
+    from safetensors import safe_open
+
+    # framework="flax" reads bfloat16 too (numpy cannot).
+    for fn in files:
+        with safe_open(fn, framework="flax") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name), (lambda f=f, name=name: f.get_tensor(name))
+
+
+def load_safetensors(model: nnx.Module, path: str, *, tied: bool, mesh: Mesh | None = None) -> None:
+    """Fill every parameter of ``model`` from the checkpoint in ``path``, checking names and shapes."""
+    files = safetensors_files(path)
+    targets = hf_param_map(model)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    with tqdm(desc="Loading safetensors", unit="tensor", total=len(targets)) as bar:
+        for name, meta, read in _iter_tensors(files):
+            target = targets.get(name)
+            if target is None:
+                if not _is_ignored(name, tied):
+                    unexpected.append(name)
+                continue
+            shape = tuple(meta.get_shape())
+            if shape != target.hf_shape:
+                raise ValueError(f"checkpoint tensor {name}: shape {shape} does not match the "
+                                 f"model's {target.hf_shape}")
+            dtype = target.var.get_value().dtype
+            x = read().astype(dtype)
+            if target.transpose:
+                x = x.T
+            target.var.set_value(_place(x, target.var, mesh))
+            loaded.add(name)
+            bar.update(1)
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {path!r} is missing tensors: {missing[:10]}"
+                         + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+    if unexpected:
+        raise ValueError(f"checkpoint {path!r} has tensors the model does not use: {unexpected[:10]}"
+                         + (f" (and {len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy_fn(shape: tuple[int, ...], dtype: jnp.dtype, kind: str, sharding: Any):
+    def make(key):
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        if kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+    return jax.jit(make, out_shardings=sharding)
+
+
+def load_dummy(model: nnx.Module, *, seed: int = 0, mesh: Mesh | None = None) -> None:
+    """Random weights with the real shapes: N(0, 0.02) matrices, unit norms, zero biases."""
+    key = jax.random.key(seed)
+    for i, (name, target) in enumerate(sorted(hf_param_map(model).items())):
+        value = target.var.get_value()
+        kind = ("zeros" if name.endswith(".bias")
+                else "ones" if name.endswith("norm.weight") else "normal")
+        spec = target.var.get_metadata().get("out_sharding") or ()
+        sharding = NamedSharding(mesh, PartitionSpec(*spec)) if mesh is not None else None
+        fn = _dummy_fn(tuple(value.shape), jnp.dtype(value.dtype), kind, sharding)
+        target.var.set_value(fn(jax.random.fold_in(key, i)))
+
+
+def load_model(model_config: ModelConfig, hf_config: Any, dtype: Any = None, *,
+               attention_backend: str = "auto", mesh: Mesh | None = None) -> nnx.Module:
+    """Build the model for ``hf_config`` and load its weights as ``model_config.load_format`` says.
+
+    Args:
+        model_config: path (``model``), ``load_format`` ("auto" | "dummy" | "orbax"), ``seed``.
+        hf_config: the checkpoint's transformers config (see ``hf_config.load_hf_config``).
+        dtype: parameter/activation dtype; None or "auto" → the checkpoint's (float32 if unset).
+        attention_backend: passed to every attention layer.
+        mesh: place each parameter with its ``out_sharding`` over this mesh (axis "model").
+
+    Returns:
+        The model (an ``nnx.Module``) with every parameter filled.
+    """
+    cls = get_model_class(getattr(hf_config, "architectures", None))
+    args = cls.model_args(hf_config)
+    dtype = resolve_dtype(model_config.dtype if dtype is None else dtype, hf_config)
+    fmt = model_config.load_format
+    if fmt == "orbax":
+        raise NotImplementedError("load_format: 'orbax' is not implemented yet; use 'auto' or 'dummy'")
+    if fmt == "auto":
+        safetensors_files(model_config.model)  # fail on missing/pickle weights before building
+    model = nnx.eval_shape(lambda: cls(args, dtype=dtype, attention_backend=attention_backend))
+    if fmt == "dummy":
+        load_dummy(model, seed=model_config.seed, mesh=mesh)
+    else:
+        load_safetensors(model, model_config.model, tied=args.tie_word_embeddings, mesh=mesh)
+    return model

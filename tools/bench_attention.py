@@ -1,0 +1,293 @@
+"""Benchmark of the GPU ragged paged attention kernels (one script, one device call).
+
+Measures the two ceilings first (device copy bandwidth, bf16 matmul rate), then for the
+Llama-3.1-8B (32 q / 8 kv heads, d=128) and Qwen2.5-7B (28/4/128) attention shapes in bf16:
+  * decode (q_len 1), batch 1/32/256 x context 1k/8k/32k: KV bytes read / time and its fraction
+    of the copy bandwidth;
+  * prefill 1x8k and 16x512 (causal): TFLOP/s and fraction of the matmul rate;
+  * mixed batch (200 decodes at 4k context + one 2k prefill) vs the sum of the parts;
+side by side with JAX's Pallas Triton paged_attention (decode), JAX's attention_mgpu (dense
+causal prefill) and the XLA gather+dot reference (where it fits in memory).
+
+Timing: jit, 2 warm-ups, then `reps` repetitions of `inner` back-to-back calls (rotating
+over several input copies when one is smaller than L2) closed by block_until_ready; the median
+per-call time is reported. Page size 16, pages in random order.
+
+    python3 tools/bench_attention.py --out $OUT [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention  # noqa: E402
+
+MODELS = {"llama3.1-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
+PAGE = 16
+L2_BYTES = 50 << 20
+
+
+def timeit(fn, arg_sets, reps=20, target_s=0.02) -> float:
+    """Median seconds per call of fn over rotating arg sets (see module docstring)."""
+    for a in arg_sets[:2]:
+        jax.block_until_ready(fn(*a))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[0]))
+    est = max(time.perf_counter() - t0, 1e-6)
+    inner = max(len(arg_sets), min(200, int(target_s / est)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(inner):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)  # 2 GiB
+    neg = jax.jit(lambda a: -a)
+    t = timeit(neg, [(x,)], reps=10)
+    copy_bw = 2 * x.nbytes / t
+    del x
+    n = 8192
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
+    t = timeit(mm, [(a, b)], reps=10)
+    return dict(copy_bw=copy_bw, matmul_flops=2 * n ** 3 / t)
+
+
+def random_pages(num_pages: int, hkv: int, d: int, seed: int) -> jax.Array:
+    """bf16 [num_pages, PAGE, 2*hkv, d] of random values (a random base block tiled: distinct
+    addresses, so no cache reuse; never zeros)."""
+    base_pages = math.gcd(num_pages, 2048)      # divides num_pages: no slice copy
+    reps = num_pages // base_pages
+
+    @jax.jit
+    def make(key):
+        base = jax.random.normal(key, (base_pages, PAGE, 2 * hkv, d), jnp.bfloat16)
+        return jnp.tile(base, (reps, 1, 1, 1))
+    return make(jax.random.key(seed))
+
+
+def ragged_inputs(q_lens, kv_lens, hq, hkv, d, seed=0, copies=1):
+    """Arg sets (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs) for our contract."""
+    rng = np.random.default_rng(seed)
+    s = len(q_lens)
+    pps = max(-(-k // PAGE) for k in kv_lens)
+    num_pages = s * pps
+    sets = []
+    for c in range(copies):
+        pi = rng.permutation(num_pages).astype(np.int32).reshape(s, pps)
+        cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        q = jax.random.normal(jax.random.key(100 + c), (int(cu[-1]), hq, d), jnp.bfloat16)
+        kv = random_pages(num_pages, hkv, d, seed + c)
+        sets.append((q, kv, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(pi), jnp.asarray(cu),
+                     jnp.asarray([s], jnp.int32)))
+    return sets
+
+
+def kv_bytes(kv_lens, hkv, d) -> int:
+    return int(sum(kv_lens)) * 2 * hkv * d * 2
+
+
+def causal_flops(q_lens, kv_lens, hq, d) -> float:
+    pairs = sum(q * (k - q) + q * (q + 1) / 2 for q, k in zip(q_lens, kv_lens))
+    return 4.0 * pairs * hq * d
+
+
+def our_backends(names):
+    fns = {}
+    for n in names:
+        try:
+            if n == "triton":
+                from pallas_kernels.ragged_paged_attention.gpu_triton import (
+                    ragged_paged_attention_triton as f)
+            elif n == "mosaic_gpu":
+                from pallas_kernels.ragged_paged_attention.gpu_mosaic import (
+                    ragged_paged_attention_mosaic_gpu as f)
+            fns[n] = f
+        except Exception as e:
+            print(f"backend {n} unavailable: {e!r}", flush=True)
+    return fns
+
+
+def run_case(results, kind, label, fn_name, fn, arg_sets, *, nbytes=None, flops=None):
+    row = dict(kind=kind, case=label, backend=fn_name)
+    try:
+        t = timeit(fn, arg_sets)
+        row["us"] = t * 1e6
+        if nbytes is not None:
+            row["GBps"] = nbytes / t / 1e9
+            row["MB"] = nbytes / 1e6
+        if flops is not None:
+            row["TFLOPs"] = flops / t / 1e12
+    except Exception as e:
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def ours(fns, hq, hkv, d, q_lens, kv_lens):
+    scale = 1.0 / math.sqrt(d)
+    return {n: jax.jit(functools.partial(f, sm_scale=scale)) for n, f in fns.items()}
+
+
+def bench_decode(results, fns, model, batch, ctx, with_baselines):
+    hq, hkv, d = MODELS[model]
+    kvl = [ctx] * batch
+    nbytes = kv_bytes(kvl, hkv, d)
+    copies = min(4, max(1, -(-4 * L2_BYTES // nbytes)))
+    label = f"{model} decode b{batch} ctx{ctx}"
+    sets = ragged_inputs([1] * batch, kvl, hq, hkv, d, copies=copies)
+    for n, f in ours(fns, hq, hkv, d, [1] * batch, kvl).items():
+        run_case(results, "decode", label, n, f, sets, nbytes=nbytes)
+    if with_baselines and nbytes <= (2 << 30):
+        ref = jax.jit(functools.partial(ref_ragged_paged_attention, sm_scale=1 / math.sqrt(d)))
+        run_case(results, "decode", label, "xla_ref", ref, sets, nbytes=nbytes)
+    del sets
+    if with_baselines and nbytes > (12 << 30):
+        results.append(dict(kind="decode", case=label, backend="jax_pallas_paged",
+                            error="skipped: a second KV layout does not fit in GPU memory"))
+    elif with_baselines:
+        from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+        pps = ctx // PAGE
+        sets = []
+        rng = np.random.default_rng(1)
+        for c in range(copies):
+            k = random_pages(batch * pps, hkv, d, 7 + c)     # reuse generator, then split K/V
+            kp = jnp.transpose(k[:, :, 0::2], (2, 0, 1, 3))  # [hkv, pages, PAGE, d]
+            vp = jnp.transpose(k[:, :, 1::2], (2, 0, 1, 3))
+            del k
+            bt = jnp.asarray(rng.permutation(batch * pps).astype(np.int32).reshape(batch, pps))
+            q = jax.random.normal(jax.random.key(c), (batch, hq, d), jnp.bfloat16)
+            sets.append((q, kp, vp, bt, jnp.full((batch,), ctx, jnp.int32)))
+        ks = max(1, min(16, pps // 8))
+        f = jax.jit(functools.partial(jpa.paged_attention, k_splits=ks,
+                                      pages_per_compute_block=min(8, pps // ks)))
+        run_case(results, "decode", label, "jax_pallas_paged", f, sets, nbytes=nbytes)
+        del sets
+
+
+def bench_prefill(results, fns, model, batch, seqlen, with_baselines):
+    hq, hkv, d = MODELS[model]
+    ql = [seqlen] * batch
+    flops = causal_flops(ql, ql, hq, d)
+    label = f"{model} prefill {batch}x{seqlen}"
+    sets = ragged_inputs(ql, ql, hq, hkv, d)
+    for n, f in ours(fns, hq, hkv, d, ql, ql).items():
+        run_case(results, "prefill", label, n, f, sets, flops=flops)
+    del sets
+    if with_baselines:
+        try:
+            from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+            cfg = am.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
+            ks = jax.random.split(jax.random.key(3), 3)
+            q = jax.random.normal(ks[0], (batch, seqlen, hq, d), jnp.bfloat16)
+            k = jax.random.normal(ks[1], (batch, seqlen, hkv, d), jnp.bfloat16)
+            v = jax.random.normal(ks[2], (batch, seqlen, hkv, d), jnp.bfloat16)
+            f = jax.jit(lambda q, k, v: am.attention(q, k, v, cfg))
+            run_case(results, "prefill", label, "jax_attention_mgpu(dense)", f, [(q, k, v)],
+                     flops=flops)
+        except Exception as e:
+            results.append(dict(kind="prefill", case=label, backend="jax_attention_mgpu(dense)",
+                                error=repr(e)[:300]))
+
+
+def bench_mixed(results, fns, model):
+    hq, hkv, d = MODELS[model]
+    dec_q, dec_kv = [1] * 200, [4096] * 200
+    pre_q, pre_kv = [2048], [2048]
+    parts = {}
+    for label, ql, kvl in (("decodes", dec_q, dec_kv), ("prefill", pre_q, pre_kv),
+                           ("mixed", dec_q + pre_q, dec_kv + pre_kv)):
+        sets = ragged_inputs(ql, kvl, hq, hkv, d)
+        for n, f in ours(fns, hq, hkv, d, ql, kvl).items():
+            r = run_case(results, "mixed", f"{model} mixed:{label}", n, f, sets,
+                         nbytes=kv_bytes(kvl, hkv, d), flops=causal_flops(ql, kvl, hq, d))
+            parts[(n, label)] = r.get("us")
+        del sets
+    for n in fns:
+        m, a, b = parts.get((n, "mixed")), parts.get((n, "decodes")), parts.get((n, "prefill"))
+        if m and a and b:
+            results.append(dict(kind="mixed-ratio", case=f"{model} mixed/(dec+pre)", backend=n,
+                                ratio=m / (a + b)))
+            print(json.dumps(results[-1]), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--backends", default="triton,mosaic_gpu")
+    ap.add_argument("--quick", action="store_true", help="llama only, fewer cases")
+    ap.add_argument("--no-baselines", action="store_true")
+    a = ap.parse_args()
+    dev = jax.devices()[0]
+    info = dict(device=str(dev.device_kind), jax=jax.__version__)
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:
+        pass
+    print(info, flush=True)
+    ceil = ceilings()
+    print(json.dumps(ceil), flush=True)
+    fns = our_backends(a.backends.split(","))
+    results = []
+    models = ["llama3.1-8b"] if a.quick else list(MODELS)
+    for model in models:
+        for batch in (1, 32, 256):
+            for ctx in (1024, 8192, 32768):
+                if a.quick and (batch, ctx) not in ((1, 32768), (32, 8192), (256, 8192)):
+                    continue
+                bench_decode(results, fns, model, batch, ctx, not a.no_baselines)
+        for batch, seqlen in ((1, 8192), (16, 512)):
+            bench_prefill(results, fns, model, batch, seqlen, not a.no_baselines)
+        bench_mixed(results, fns, model)
+    for r in results:
+        if "GBps" in r and r.get("kind") == "decode":
+            r["frac_copy"] = r["GBps"] * 1e9 / ceil["copy_bw"]
+        if "TFLOPs" in r and r.get("kind") == "prefill":
+            r["frac_mm"] = r["TFLOPs"] * 1e12 / ceil["matmul_flops"]
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    Path(a.out, "bench_attention.json").write_text(
+        json.dumps(dict(info=info, ceilings=ceil, results=results), indent=1))
+    print(f"\ncopy {ceil['copy_bw'] / 1e12:.2f} TB/s   matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    print(f"{'case':36s} {'backend':26s} {'us':>9s} {'GB/s':>7s} {'%copy':>6s} {'TFLOP/s':>8s} {'%mm':>5s}")
+    for r in results:
+        if "ratio" in r:
+            print(f"{r['case']:36s} {r['backend']:26s} ratio {r['ratio']:.2f}")
+            continue
+        if "error" in r:
+            print(f"{r['case']:36s} {r['backend']:26s} ERROR {r['error'][:60]}")
+            continue
+        g = f"{r['GBps']:7.0f}" if "GBps" in r else " " * 7
+        fc = f"{100 * r['frac_copy']:5.0f}%" if "frac_copy" in r else " " * 6
+        tf = f"{r['TFLOPs']:8.1f}" if "TFLOPs" in r else " " * 8
+        fm = f"{100 * r['frac_mm']:4.0f}%" if "frac_mm" in r else " " * 5
+        print(f"{r['case']:36s} {r['backend']:26s} {r['us']:9.1f} {g} {fc} {tf} {fm}")
+
+
+if __name__ == "__main__":
+    main()

@@ -147,13 +147,11 @@ def load_safetensors(model: nnx.Module, path: str, *, tied: bool, mesh: Mesh | N
 
 
 @functools.lru_cache(maxsize=None)
-def _dummy_fn(shape: tuple[int, ...], dtype: jnp.dtype, kind: str, sharding: Any):
-    def make(key):
-        if kind == "ones":
-            return jnp.ones(shape, dtype)
-        if kind == "zeros":
-            return jnp.zeros(shape, dtype)
-        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+def _dummy_fn(shape: tuple[int, ...], dtype: jnp.dtype, sharding: Any):
+    # One compile per distinct (shape, dtype, sharding): scale/offset are traced, so norms
+    # (ones) and biases (zeros) share the executable of same-shaped matrices.
+    def make(key, scale, offset):
+        return (jax.random.normal(key, shape, jnp.float32) * scale + offset).astype(dtype)
     return jax.jit(make, out_shardings=sharding)
 
 
@@ -162,12 +160,12 @@ def load_dummy(model: nnx.Module, *, seed: int = 0, mesh: Mesh | None = None) ->
     key = jax.random.key(seed)
     for i, (name, target) in enumerate(sorted(hf_param_map(model).items())):
         value = target.var.get_value()
-        kind = ("zeros" if name.endswith(".bias")
-                else "ones" if name.endswith("norm.weight") else "normal")
+        scale, offset = ((0.0, 0.0) if name.endswith(".bias")
+                         else (0.0, 1.0) if name.endswith("norm.weight") else (0.02, 0.0))
         spec = target.var.get_metadata().get("out_sharding") or ()
         sharding = NamedSharding(mesh, PartitionSpec(*spec)) if mesh is not None else None
-        fn = _dummy_fn(tuple(value.shape), jnp.dtype(value.dtype), kind, sharding)
-        target.var.set_value(fn(jax.random.fold_in(key, i)))
+        fn = _dummy_fn(tuple(value.shape), jnp.dtype(value.dtype), sharding)
+        target.var.set_value(fn(jax.random.fold_in(key, i), scale, offset))
 
 
 def load_model(model_config: ModelConfig, hf_config: Any, dtype: Any = None, *,

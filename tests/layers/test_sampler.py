@@ -110,18 +110,26 @@ def test_filter_masks_match_numpy(seed):
             assert want.sum() == k  # continuous random logits: no ties
 
 
-def test_top_p_is_smallest_set_and_keeps_ties():
-    # probs ~ [0.4, 0.2, 0.2, 0.2, ~0]: p=0.5 needs the 0.4 token plus one of the tied 0.2s,
-    # so all three tied tokens are kept; p=0.4 is reached by the first token alone.
-    base = np.log(np.array([0.4, 0.2, 0.2, 0.2, 1e-9], np.float64))
-    logits = np.full((3, V), -1e9, np.float32)
-    logits[:, :5] = base
-    rows = [SamplingRow(top_p=0.5), SamplingRow(top_p=0.4), SamplingRow(top_p=1e-6)]
+def test_top_k_top_p_boundaries_and_ties():
+    # Probabilities are powers of two, so softmax and its cumulative sums are exact in f32:
+    # probs [1/2, 1/4, 1/8, 1/8, ~0].
+    probs = np.array([0.5, 0.25, 0.125, 0.125, 1e-9])
+    logits = np.full((7, V), -1e9, np.float32)
+    logits[:, :5] = np.log(probs)
+    cases = [  # (top_k, top_p, kept ids)
+        (0, 0.5, [0]),           # mass exactly p after one token: the smallest set stops there
+        (0, 0.75, [0, 1]),
+        (0, 0.76, [0, 1, 2, 3]),  # needs the first 1/8 token; its tie comes along
+        (0, 1e-6, [0]),          # always at least one token
+        (2, 1.0, [0, 1]),
+        (3, 1.0, [0, 1, 2, 3]),  # the 3rd largest is tied with the 4th: both kept
+        (3, 0.9, [0, 1, 2, 3]),  # top-p over the top-k-renormalized distribution
+    ]
+    rows = [SamplingRow(top_k=k, top_p=p) for k, p, _ in cases]
     keep = np.isfinite(np.asarray(filter_logits(pad(logits, 16), md_of(rows, s=16))))
-    for i, r in enumerate(rows):
-        np.testing.assert_array_equal(keep[i], ref_keep(logits[i], 1.0, 0, r.top_p, 0.0))
-    assert keep[0, :4].all() and not keep[0, 4]
-    assert keep[1].sum() == 1 and keep[2].sum() == 1 and keep[1, 0]
+    for i, (k, p, kept) in enumerate(cases):
+        # (ref_keep works in float64, where these boundaries are not exact: compare to the lists.)
+        assert np.flatnonzero(keep[i]).tolist() == kept, cases[i]
 
 
 def test_disabled_filters_are_noops_when_flag_forced_on():

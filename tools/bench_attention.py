@@ -204,9 +204,10 @@ def bench_prefill(results, fns, model, batch, seqlen, with_baselines):
             from jax.experimental.pallas.ops.gpu import attention_mgpu as am
             cfg = am.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
             ks = jax.random.split(jax.random.key(3), 3)
-            q = jax.random.normal(ks[0], (batch, seqlen, hq, d), jnp.bfloat16)
-            k = jax.random.normal(ks[1], (batch, seqlen, hkv, d), jnp.bfloat16)
-            v = jax.random.normal(ks[2], (batch, seqlen, hkv, d), jnp.bfloat16)
+            # attention_mgpu stages tiles in f16 SMEM: f16 inputs (same bytes and flops).
+            q = jax.random.normal(ks[0], (batch, seqlen, hq, d), jnp.float16)
+            k = jax.random.normal(ks[1], (batch, seqlen, hkv, d), jnp.float16)
+            v = jax.random.normal(ks[2], (batch, seqlen, hkv, d), jnp.float16)
             f = jax.jit(lambda q, k, v: am.attention(q, k, v, cfg))
             run_case(results, "prefill", label, "jax_attention_mgpu(dense)", f, [(q, k, v)],
                      flops=flops)

@@ -23,7 +23,7 @@ import triton.language as tl
 from pallas_kernels.ragged_paged_attention import gpu_common
 
 _LOG2E = 1.4426950408889634
-_NEG_INF = float("-inf")
+_NEG_INF = tl.constexpr(float("-inf"))  # kernels may only read constexpr globals
 
 
 @triton.jit

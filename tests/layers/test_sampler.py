@@ -114,7 +114,7 @@ def test_top_k_top_p_boundaries_and_ties():
     # Probabilities are powers of two, so softmax and its cumulative sums are exact in f32:
     # probs [1/2, 1/4, 1/8, 1/8, ~0].
     probs = np.array([0.5, 0.25, 0.125, 0.125, 1e-9])
-    logits = np.full((7, V), -1e9, np.float32)
+    logits = np.full((8, V), -1e9, np.float32)
     logits[:, :5] = np.log(probs)
     cases = [  # (top_k, top_p, kept ids)
         (0, 0.5, [0]),           # mass exactly p after one token: the smallest set stops there
@@ -124,6 +124,7 @@ def test_top_k_top_p_boundaries_and_ties():
         (2, 1.0, [0, 1]),
         (3, 1.0, [0, 1, 2, 3]),  # the 3rd largest is tied with the 4th: both kept
         (3, 0.9, [0, 1, 2, 3]),  # top-p over the top-k-renormalized distribution
+        (3, 0.55, [0, 1]),       # ...which includes the tied 4th token (1/2 < 0.55, not 4/7)
     ]
     rows = [SamplingRow(top_k=k, top_p=p) for k, p, _ in cases]
     keep = np.isfinite(np.asarray(filter_logits(pad(logits, 16), md_of(rows, s=16))))

@@ -226,3 +226,59 @@ def test_committed_stubs_match_the_proto():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.check() == [], "run python tools/gen_protos.py and commit jaxllm/_proto"
+
+
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), cert_pem
+
+
+def test_tls(tmp_path):
+    certfile, keyfile, cert_pem = _self_signed(tmp_path)
+    st = ServerThread(FakeEngine(), ServeOptions(grpc_port=0, http_port=None, ssl_certfile=certfile,
+                                                 ssl_keyfile=keyfile)).start()
+    try:
+        with JaxLLMClient(st.grpc_target, root_certificates=cert_pem, timeout=10) as c:
+            assert c.generate([3, 4], max_tokens=3).token_ids == expected_tokens([3, 4], 3)
+        with JaxLLMClient(st.grpc_target, timeout=5) as plain:  # plaintext client cannot talk to it
+            with pytest.raises(grpc.RpcError):
+                plain.model_info()
+    finally:
+        assert st.stop() == 0
+
+
+def test_cli_generate_via_server(server, capsys):
+    from jaxllm.entrypoints.cli import main
+
+    tok = server.engine.tokenizer
+    assert main(["generate", "--server", server.grpc_target, "w1 w2", "w3", "--max-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [tok.decode(expected_tokens(tok.encode(p), 3)) for p in ("w1 w2", "w3")]
+    assert main(["generate", "--server", server.grpc_target, "w1", "--max-tokens", "3", "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == tok.decode(expected_tokens(tok.encode("w1"), 3))
+    # A server-side refusal is an error exit, not a traceback.
+    assert main(["generate", "--server", server.grpc_target, "w1", "--max-tokens", "500"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err

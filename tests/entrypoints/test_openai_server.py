@@ -187,3 +187,18 @@ def test_401_429_503():
     finally:
         engine.gate.set()
         assert st.stop() == 0
+
+
+def test_non_streaming_client_timeout_aborts(server):
+    engine = server.engine
+    engine.step_delay = 0.02  # 60 tokens take >= 1.2 s
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.http_url + "/v1/completions", timeout=0.3,
+                       json={"prompt": [10], "max_tokens": 60, "request_id": "http-timeout"})
+    finally:
+        engine.step_delay = 0.002
+    deadline = time.monotonic() + 10
+    while "http-timeout" not in engine.aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "http-timeout" in engine.aborted

@@ -13,6 +13,8 @@ their sampled ids are simply ignored by the runner.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -102,6 +104,18 @@ class SamplingRow:
                    request.all_token_ids, request.num_prompt_tokens, banned)
 
 
+_SCALARS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "step", "prompt_len")
+_get_scalars = operator.attrgetter(*_SCALARS)
+
+
+@functools.lru_cache(maxsize=16)
+def _empty_history(num_seqs: int, hist_len: int) -> np.ndarray:
+    out = np.full((num_seqs, hist_len), -1, dtype=np.int32)
+    out.flags.writeable = False
+    return out
+
+
 def _check(name: str, bad: np.ndarray, values: np.ndarray, allowed: str) -> None:
     if bad.any():
         raise ValueError(f"{name}: must be {allowed}, got {values[bad][0]!r} "
@@ -136,23 +150,26 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], num_seqs: int, hist_len
     if hist_len < 0 or num_banned < 0:
         raise ValueError(f"hist_len/num_banned: must be >= 0, got {hist_len}/{num_banned}")
 
-    def col(attr: str, dtype, pad) -> np.ndarray:
+    # One C-level pass over the rows for all scalar fields: table f64[n, len(_SCALARS)].
+    table = np.array([_get_scalars(r) for r in rows], dtype=np.float64).reshape(n, len(_SCALARS))
+
+    def col(j: int, dtype, pad) -> np.ndarray:
         out = np.full(num_seqs, pad, dtype=dtype)
-        vals = np.fromiter((getattr(r, attr) for r in rows), dtype=np.float64, count=n)
+        vals = table[:, j]
         if np.issubdtype(dtype, np.integer):  # e.g. a huge top_k: saturate instead of wrapping
             vals = np.clip(vals, -2**31, 2**31 - 1)
         out[:n] = vals
         return out
 
-    temperature = col("temperature", np.float32, 0.0)
-    top_k = col("top_k", np.int32, 0)
-    top_p = col("top_p", np.float32, 1.0)
-    min_p = col("min_p", np.float32, 0.0)
-    presence = col("presence_penalty", np.float32, 0.0)
-    frequency = col("frequency_penalty", np.float32, 0.0)
-    repetition = col("repetition_penalty", np.float32, 1.0)
-    steps = col("step", np.int32, 0)
-    prompt_lens = col("prompt_len", np.int32, 0)
+    temperature = col(0, np.float32, 0.0)
+    top_k = col(1, np.int32, 0)
+    top_p = col(2, np.float32, 1.0)
+    min_p = col(3, np.float32, 0.0)
+    presence = col(4, np.float32, 0.0)
+    frequency = col(5, np.float32, 0.0)
+    repetition = col(6, np.float32, 1.0)
+    steps = col(7, np.int32, 0)
+    prompt_lens = col(8, np.int32, 0)
     seeds = np.zeros(num_seqs, dtype=np.uint32)
     # Python ints of any size → u32 (two's complement, so negative seeds are allowed too).
     seeds[:n] = np.fromiter((r.seed & 0xFFFFFFFF for r in rows), dtype=np.uint32, count=n)
@@ -169,9 +186,15 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], num_seqs: int, hist_len
     sampled = temperature >= SAMPLING_EPS
     uses_top_k_top_p = sampled & ((top_k > 0) | (top_p < 1))
 
-    hist_ids = np.full((num_seqs, hist_len), -1, dtype=np.int32)
-    for i in np.flatnonzero(uses_penalty[:n]):
-        ids = np.asarray(rows[i].token_ids, dtype=np.int32)
+    penalty_rows = np.flatnonzero(uses_penalty[:n])
+    if len(penalty_rows) == 0:
+        hist_ids = _empty_history(num_seqs, hist_len)  # shared, read-only: no S*H memset
+    else:
+        hist_ids = np.full((num_seqs, hist_len), -1, dtype=np.int32)
+    for i in penalty_rows:
+        ids = rows[i].token_ids
+        ids = (np.asarray(ids, dtype=np.int32) if isinstance(ids, np.ndarray)
+               else np.fromiter(ids, dtype=np.int32, count=len(ids)))
         if ids.ndim != 1 or ids.size > hist_len:
             raise ValueError(f"token_ids: row {i} has {ids.size} tokens, at most hist_len={hist_len} allowed")
         if prompt_lens[i] > ids.size:

@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_INTERPRET_MODE = pltpu.InterpretParams
 _LANES = 128  # m/l scratch is lane-broadcast, as TPU vregs are [8, 128]
 
 
@@ -72,6 +73,7 @@ def _kernel(
     blk_end = blk_start + bq
     num_seqs = num_seqs_ref[0]
 
+    q_all = q_ref[...]                                                           # [bq, Hq, D]
     m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
@@ -97,24 +99,27 @@ def _kernel(
         blk_lo = page_lo // pages_per_blk
         blk_hi = pl.cdiv(page_hi, pages_per_blk)
 
-        def copies(kv_blk, slot):
-            out = []
-            for i in range(pages_per_blk):
-                page = kv_blk * pages_per_blk + i
-                fetch = (page >= page_lo) & (page < page_hi)
-                # Clamp so the descriptor is always built from an in-range index.
-                idx = page_indices_ref[seq, jnp.clip(page, page_lo, page_hi - 1)]
-                copy = pltpu.make_async_copy(kv_hbm_ref.at[idx], kv_buf.at[slot, i], sems.at[slot])
-                out.append((fetch, copy))
-            return out
+        def page_copy(kv_blk, slot, i):
+            """(fetch?, DMA of the i-th page of KV block kv_blk into buffer slot)."""
+            page = kv_blk * pages_per_blk + i
+            fetch = (page >= page_lo) & (page < page_hi)
+            # Clamp so the descriptor is always built from an in-range page-table entry.
+            idx = page_indices_ref[seq, jnp.clip(page, page_lo, page_hi - 1)]
+            return fetch, pltpu.make_async_copy(kv_hbm_ref.at[idx], kv_buf.at[slot, i], sems.at[slot])
 
         def start(kv_blk, slot):
-            for fetch, copy in copies(kv_blk, slot):
+            def body(i, carry):
+                fetch, copy = page_copy(kv_blk, slot, i)
                 pl.when(fetch)(copy.start)
+                return carry
+            lax.fori_loop(0, pages_per_blk, body, 0)
 
         def wait(kv_blk, slot):
-            for fetch, copy in copies(kv_blk, slot):
+            def body(i, carry):
+                fetch, copy = page_copy(kv_blk, slot, i)
                 pl.when(fetch)(copy.wait)
+                return carry
+            lax.fori_loop(0, pages_per_blk, body, 0)
 
         start(blk_lo, 0)
 
@@ -131,7 +136,6 @@ def _kernel(
             mask = (row_tok >= r0) & (row_tok < r1) & (key_pos <= q_pos) & kv_ok.reshape(1, -1)
             if sliding_window is not None:
                 mask &= key_pos > q_pos - sliding_window
-            row_ok = (row_tok[:, :1] >= r0) & (row_tok[:, :1] < r1)              # [bq*G, 1]
             for h in range(num_kv_heads):
                 k = kv_buf[slot, :, :, 2 * h, :].reshape(kv_per_blk, head_dim)
                 v = kv_buf[slot, :, :, 2 * h + 1, :].reshape(kv_per_blk, head_dim)
@@ -143,7 +147,7 @@ def _kernel(
                     v = v * v_scale
                 k = jnp.where(kv_ok, k, 0.0).astype(q_ref.dtype)
                 v = jnp.where(kv_ok, v, 0.0).astype(q_ref.dtype)
-                q = q_ref[:, h * group:(h + 1) * group, :].reshape(bq * group, head_dim)
+                q = q_all[:, h * group:(h + 1) * group, :].reshape(bq * group, head_dim)
                 s = jnp.einsum("nd,md->nm", q, k, preferred_element_type=jnp.float32) * sm_scale
                 if soft_cap is not None:
                     s = soft_cap * jnp.tanh(s / soft_cap)
@@ -155,11 +159,10 @@ def _kernel(
                 alpha = jnp.exp(m_prev - m_next)
                 l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
                 pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-                acc_next = alpha * acc_ref[h] + pv
-                # Rows of other sequences in this block keep their state.
-                m_ref[h] = jnp.where(row_ok, jnp.broadcast_to(m_next, (bq * group, _LANES)), m_ref[h])
-                l_ref[h] = jnp.where(row_ok, jnp.broadcast_to(l_next, (bq * group, _LANES)), l_ref[h])
-                acc_ref[h] = jnp.where(row_ok, acc_next, acc_ref[h])
+                # Rows of other sequences (mask all False) keep their state: p == 0, alpha == 1.
+                m_ref[h] = jnp.broadcast_to(m_next, (bq * group, _LANES))
+                l_ref[h] = jnp.broadcast_to(l_next, (bq * group, _LANES))
+                acc_ref[h] = alpha * acc_ref[h] + pv
             return 1 - slot
 
         lax.fori_loop(blk_lo, blk_hi, kv_body, jnp.int32(0))
@@ -248,7 +251,7 @@ def ragged_paged_attention_mosaic_tpu(
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         out_shape=jax.ShapeDtypeStruct(q_in.shape, q.dtype),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=_INTERPRET_MODE() if interpret else False,
         name="jaxllm_ragged_paged_attention",
     )(kv_lens, page_indices, cu_q_lens, first_seq, num_seqs, q_in, kv_pages)
     return out[:T]

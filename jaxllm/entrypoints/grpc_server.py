@@ -140,6 +140,8 @@ class JaxLLMServicer(pb_grpc.JaxLLMServicer):
                              num_open_streams=int(s["num_open_streams"]))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        if self.engine.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "text: this model has no tokenizer")
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
         ids = self.engine.tokenizer.encode(request.text, add_special_tokens=add_special)
         return pb.TokenizeResponse(token_ids=ids, count=len(ids),

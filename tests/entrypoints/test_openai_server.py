@@ -202,3 +202,43 @@ def test_non_streaming_client_timeout_aborts(server):
     while "http-timeout" not in engine.aborted and time.monotonic() < deadline:
         time.sleep(0.02)
     assert "http-timeout" in engine.aborted
+
+
+def test_engine_failure_503_and_health():
+    import asyncio
+
+    from jaxllm.engine.async_engine import AsyncEngine
+    from jaxllm.entrypoints.openai_server import build_app
+
+    async def body():
+        engine = FakeEngine()
+        ae = AsyncEngine(engine, idle_poll_s=0.05)
+        ae.start()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(ae)), base_url="http://t") as http:
+            assert (await http.get("/health")).status_code == 200
+            engine.fail_at_step = 1
+            r = await http.post("/v1/completions", json={"prompt": [3], "max_tokens": 5})
+            assert r.status_code == 503 and "injected failure" in r.json()["error"]["message"]
+            assert (await http.get("/health")).status_code == 503
+            r = await http.post("/v1/completions", json={"prompt": [3], "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        await ae.shutdown()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_engine_failure_mid_stream_sends_error_event_and_exits_1():
+    engine = FakeEngine(step_delay=0.005)
+    st = ServerThread(engine, ServeOptions(grpc_port=None, http_port=0)).start()
+    lines = []
+    with httpx.stream("POST", st.http_url + "/v1/completions",
+                      json={"prompt": [3], "max_tokens": 50, "stream": True}, timeout=20) as resp:
+        for line in resp.iter_lines():
+            if line:
+                lines.append(line)
+                if len(lines) == 1:
+                    engine.fail_at_step = engine.num_steps + 1
+    assert lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][6:])["error"]
+    assert "injected failure" in err["message"] and err["type"] == "service_unavailable"
+    assert st.wait(20) == 1

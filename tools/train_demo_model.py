@@ -341,7 +341,7 @@ def train_one(name: str, spec: ModelSpec, data: dict, args, seed: int) -> tuple[
     sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(args.warmup, steps // 10 + 1),
                                                steps, args.lr * 0.1)
     opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.1, mask=decay_mask))
+                      optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask))
     params = init_params(spec, jax.random.PRNGKey(seed))
     opt_state = opt.init(params)
 
@@ -390,7 +390,7 @@ def train_one(name: str, spec: ModelSpec, data: dict, args, seed: int) -> tuple[
                 best = (vl, jax.device_get(params), it)
     val_loss, best_params, best_step = best
     test_loss = evaluate(eval_fn, best_params, test_w, args.eval_batch_size)
-    metrics = {"name": name, "params": n_params, "steps": steps, "steps_run": last, "best_step": best_step,
+    metrics = {"name": name, "params": n_params, "steps": steps, "weight_decay": args.weight_decay, "steps_run": last, "best_step": best_step,
                "val_loss": val_loss, "val_ppl": math.exp(val_loss), "test_loss": test_loss,
                "test_ppl": math.exp(test_loss), "test_tokens": int(test_w.size - len(test_w)),
                "train_seconds": round(time.time() - t0, 1), "curve": curve,
@@ -467,13 +467,19 @@ def cmd_train(args) -> None:
           f"{data['train'].size:,}/{data['val'].size:,}/{data['test'].size:,}", flush=True)
     specs = {"demo": SMOKE_MAIN if args.smoke else MAIN, "demo-draft": SMOKE_DRAFT if args.smoke else DRAFT}
     vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    unknown = set(args.models.split(",")) - set(specs)
+    if unknown:
+        raise ValueError(f"models: must be a subset of {sorted(specs)}, got {sorted(unknown)}")
     t_all, summary = time.time(), {}
     for i, (name, spec) in enumerate(specs.items()):
+        if name not in args.models.split(","):
+            continue
         spec = dataclasses.replace(spec, vocab_size=vocab)
         params, metrics = train_one(name, spec, data, args, args.seed + i)
         save_hf_dir(params, spec, data_dir / "tokenizer", out / name, metrics, args.max_shard_mb << 20)
         summary[name] = metrics
     total_bytes = sum(m["params"] * 2 for m in summary.values())
+    specs = {k: v for k, v in specs.items() if k in summary}
     summary["total_bf16_bytes"] = total_bytes
     summary["total_seconds"] = round(time.time() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -510,6 +516,8 @@ def main(argv=None) -> None:
     t.add_argument("--dropout", type=float, default=0.1, help="residual dropout while training")
     t.add_argument("--max-train-seconds", type=float, default=1e9,
                    help="safety stop per model (the run then reports fewer steps than --steps)")
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--models", default="demo,demo-draft", help="comma-separated subset to train")
     t.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     t.add_argument("--max-shard-mb", type=int, default=15, help="safetensors shard size limit (MiB)")
     t.add_argument("--smoke", action="store_true", help="tiny models, for a CPU check of the script")

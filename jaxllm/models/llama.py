@@ -97,6 +97,11 @@ class LlamaForCausalLM(nnx.Module):
             args.hidden_size, args.vocab_size, use_bias=False, dtype=dtype, sharding=COLUMN_PARALLEL)
 
     @property
+    def config(self) -> ModelArgs:
+        """The architecture numbers (HF-named: hidden_size, intermediate_size, vocab_size, ...)."""
+        return self.args
+
+    @property
     def kv_cache_spec(self) -> KVCacheSpec:
         """``(num_layers, num_kv_heads, head_dim)``; each layer's cache is
         ``[num_pages, page_size, 2 * num_kv_heads, head_dim]`` in the model's dtype."""

@@ -55,11 +55,11 @@ def models(request):
     model = load_model(ModelConfig(model=path), load_hf_config(path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                            attn_implementation="eager").eval()
-    return request.param, model, hf
+    return request.param, model, hf, _step_fn(model)
 
 
 def test_prefill_then_decode_matches_hf(models):
-    kind, model, hf = models
+    kind, model, hf, step = models
     num_layers, num_kv_heads, head_dim = model.kv_cache_spec
     rng = np.random.default_rng(0)
     # Garbage (finite) in every page: results must not depend on memory a sequence does not own.
@@ -68,7 +68,6 @@ def test_prefill_then_decode_matches_hf(models):
     prompts = [list(rng.integers(3, VOCAB_SIZE, n)) for n in PROMPT_LENS]
     seqs = [list(p) for p in prompts]
     batcher = PagedBatcher(NUM_PAGES, PAGE_SIZE, PAGES_PER_SEQ, PAD_SEQS)
-    step = _step_fn(model)
 
     # Step 0: whole prompts for seqs 0-2, the first 6 tokens of seq 3.
     schedule = {0: seqs[0], 1: seqs[1], 2: seqs[2], 3: seqs[3][:6]}
@@ -98,13 +97,13 @@ def test_prefill_then_decode_matches_hf(models):
 
 def test_padding_tokens_do_not_touch_the_cache(models):
     """Padded tokens (slot -1) and padded sequences leave every page as it was."""
-    _, model, _ = models
+    _, model, _, step = models
     num_layers, num_kv_heads, head_dim = model.kv_cache_spec
     kv = [jnp.full((NUM_PAGES, PAGE_SIZE, 2 * num_kv_heads, head_dim), 7.0, jnp.float32)
           for _ in range(num_layers)]
     batcher = PagedBatcher(NUM_PAGES, PAGE_SIZE, PAGES_PER_SEQ, PAD_SEQS)
     ids, md = batcher.step({0: [5, 6, 7]}, 8, PAD_SEQS)
-    new_kv, _ = _step_fn(model)(list(kv), ids, md)
+    new_kv, _ = step(list(kv), ids, md)  # same shapes as the decode steps: no new compile
     written = {int(s) for s in np.asarray(md.slot_mapping) if s >= 0}
     for layer in new_kv:
         flat = np.asarray(layer).reshape(NUM_PAGES * PAGE_SIZE, -1)

@@ -1,0 +1,280 @@
+"""Ragged paged attention as a Pallas Mosaic GPU kernel (Hopper, sm_90: TMA + wgmma).
+
+Layout trick: q [T, Hq, D] is regrouped to rows [Hkv, T*G, D] (row = token*G + g), so one
+64-row wgmma tile holds all G q heads of a kv head for 64/G consecutive tokens of ONE sequence
+and each KV tile is read once for all of them (GQA). One program = one such row block x one kv
+head x one KV split:
+  * the block's 64 query rows arrive by TMA;
+  * KV tiles of BN = max(64, page_size) keys arrive page by page by TMA (K and V of kv head h are
+    combined heads 2h / 2h+1 of kv_pages), ``stages`` tiles in flight on mbarriers;
+  * S = Q K^T and O += P V run on wgmma, online softmax in registers (exp2, f32);
+  * with ``num_splits > 1`` (decode over long contexts, when the grid alone cannot fill the SMs)
+    each split writes its normalized partial output and log-sum-exp, merged afterwards
+    (flash-decoding).
+Block -> (sequence, rows, KV tile range) metadata is computed by a few XLA ops first.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.ragged_paged_attention import gpu_common
+
+BLOCK_M = 64                    # rows per program: one warpgroup's wgmma M
+_MASK = -1e30                   # finite: fully masked rows stay NaN-free, later tiles wipe them
+_LOG2E = 1.4426950408889634
+# meta columns (i32[NB, 8]) of each row block.
+_SEQ, _ROW0, _QPOS0, _R0, _KVLEN, _TBEG, _TEND, _LASTCOL = range(8)
+
+
+def _block_meta(kv_lens, cu_q_lens, num_seqs, *, group, nb, block_n, page_size, window):
+    """i32[NB, 8] metadata per row block (see the column names above)."""
+    cu_rows = cu_q_lens * group
+    blk_seq, blk_r0 = gpu_common.q_block_table(cu_rows, num_seqs, nb, BLOCK_M)
+    seq = jnp.maximum(blk_seq, 0)
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    kv_len = kv_lens[seq]
+    qpos0 = kv_len - q_len                                   # position of the seq's token 0
+    first_tok = blk_r0 // group
+    last_tok = jnp.minimum((blk_r0 + BLOCK_M - 1) // group, q_len - 1)
+    hi = qpos0 + last_tok + 1                                # keys [lo, hi)
+    lo = jnp.zeros_like(hi)
+    if window is not None:
+        lo = jnp.maximum(qpos0 + first_tok - window + 1, 0)
+    tbeg = lo // block_n
+    tend = (hi + block_n - 1) // block_n
+    tend = jnp.where(blk_seq < 0, tbeg, tend)
+    lastcol = jnp.maximum((kv_len + page_size - 1) // page_size - 1, 0)
+    row0 = cu_rows[seq] + blk_r0
+    return jnp.stack([blk_seq, row0, qpos0, blk_r0, kv_len, tbeg, tend, lastcol],
+                     axis=1).astype(jnp.int32)
+
+
+def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem,
+            q_bar, k_bar, v_bar, *, group, page_size, block_n, stages, num_splits, scale_log2,
+            soft_cap, window, dtype, interpret):
+    b = lax.axis_index("b")
+    h = lax.axis_index("h")
+    sp = lax.axis_index("s")
+    ppt = block_n // page_size                               # pages per KV tile
+    seq = meta_ref[b, _SEQ]
+    row0 = meta_ref[b, _ROW0]
+    qpos0 = meta_ref[b, _QPOS0]
+    r0 = meta_ref[b, _R0]
+    kv_len = meta_ref[b, _KVLEN]
+    tbeg = meta_ref[b, _TBEG]
+    tend = meta_ref[b, _TEND]
+    lastcol = meta_ref[b, _LASTCOL]
+    if num_splits > 1:
+        per = (tend - tbeg + num_splits - 1) // num_splits
+        tbeg = jnp.minimum(tbeg + sp * per, tend)
+        tend = jnp.minimum(tbeg + per, tend)
+    seq_c = jnp.maximum(seq, 0)
+
+    def issue(tile, slot):
+        for j in range(ppt):
+            col = jnp.minimum(tile * ppt + j, lastcol)       # never read past the seq's pages
+            page = pt_ref[seq_c, col]
+            dst = pl.ds(j * page_size, page_size)
+            plgpu.copy_gmem_to_smem(kv_ref.at[page, :, 2 * h], k_smem.at[slot, dst],
+                                    k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(kv_ref.at[page, :, 2 * h + 1], v_smem.at[slot, dst],
+                                    v_bar.at[slot])
+
+    plgpu.copy_gmem_to_smem(q_ref.at[h, pl.ds(row0, BLOCK_M)], q_smem, q_bar)
+    for st in range(stages):
+        @pl.when(tbeg + st < tend)
+        def _():
+            issue(tbeg + st, st)
+    plgpu.barrier_wait(q_bar)
+
+    # Register layouts are a compile-time notion the GPU interpreter does not model.
+    cast = (lambda x, _: x) if interpret else plgpu.layout_cast
+    iota = ((lambda dt, sh, dim: lax.broadcasted_iota(dt, sh, dim)) if interpret else
+            (lambda dt, sh, dim: plgpu.broadcasted_iota(dt, sh, dim, layout=plgpu.Layout.WGMMA)))
+    m_i = cast(jnp.full((BLOCK_M,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l_i = cast(jnp.full((BLOCK_M,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = cast(jnp.full((BLOCK_M, q_smem.shape[-1]), 0, jnp.float32), plgpu.Layout.WGMMA)
+    rows = iota(jnp.int32, (BLOCK_M, block_n), 0)
+    cols = iota(jnp.int32, (BLOCK_M, block_n), 1)
+    q_pos = qpos0 + lax.div(r0 + rows, jnp.int32(group))    # [BM, BN] query position
+
+    def body(tile, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(tile - tbeg, jnp.int32(stages))
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+            return acc_ref[...]
+        if interpret:  # the GPU interpreter models neither wgmma on transposed refs nor run_state
+            s = jnp.dot(q_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
+        else:
+            s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))  # s: [BM, BN]
+        if soft_cap is not None:
+            s = jnp.tanh(s * (scale_log2 / _LOG2E / soft_cap)) * (soft_cap * _LOG2E)
+        else:
+            s = s * scale_log2
+        k_pos = tile * block_n + cols
+        mask = (k_pos <= q_pos) & (k_pos < kv_len)
+        if window is not None:
+            mask = mask & (k_pos > q_pos - window)
+        s = jnp.where(mask, s, _MASK)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(v_bar.at[slot])
+
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+        if interpret:
+            acc = acc + jnp.dot(p.astype(dtype), v_smem[slot], preferred_element_type=jnp.float32)
+        else:          # accumulate into acc in place (as jax's attention_mgpu)
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+
+        @pl.when(tile + stages < tend)
+        def _():
+            issue(tile + stages, slot)
+        return acc, m_new, l_i
+
+    acc, m_i, l_i = lax.fori_loop(tbeg, tend, body, (acc, m_i, l_i))
+    l_safe = jnp.maximum(l_i, 1e-30)
+    q_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+    if lse_smem is not None:
+        lse_smem[...] = m_i + jnp.log(l_safe) * _LOG2E          # log2 units
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[sp, h, b])
+    if lse_smem is not None:
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[sp, h, b])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale",
+                                             "v_scale", "interpret", "num_splits", "stages"))
+def ragged_paged_attention_mosaic_gpu(
+    q: jax.Array,             # [T, num_q_heads, head_dim]
+    kv_pages: jax.Array,      # [num_pages, page_size, 2 * num_kv_heads, head_dim]
+    kv_lens: jax.Array,       # i32[S]
+    page_indices: jax.Array,  # i32[S, pages_per_seq]
+    cu_q_lens: jax.Array,     # i32[S + 1]
+    num_seqs: jax.Array,      # i32[1]
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    interpret: bool = False,
+    num_splits: int | None = None,
+    stages: int = 3,
+) -> jax.Array:               # [T, num_q_heads, head_dim]
+    """Ragged paged attention (contract of ``pallas_kernels.ragged_paged_attention``) on Hopper.
+
+    Needs bf16/f16 q and kv_pages, head_dim a multiple of 64, page_size a multiple of 8 (<= 256).
+    ``num_splits`` (None: picked from the static shapes) and ``stages`` are tuning knobs.
+    """
+    gpu_common.check_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                            sliding_window, soft_cap)
+    t, hq, d = q.shape
+    _, ps, hc, _ = kv_pages.shape
+    hkv = hc // 2
+    group = hq // hkv
+    s, p = page_indices.shape
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"q: dtype must be bfloat16 or float16, got {q.dtype}")
+    if d % 64:
+        raise ValueError(f"q: head_dim must be a multiple of 64 for mosaic_gpu, got {d}")
+    if ps % 8 or ps > 256:
+        raise ValueError(f"kv_pages: page_size must be a multiple of 8 in [8, 256], got {ps}")
+    if group > BLOCK_M:
+        raise ValueError(f"q: num_q_heads / num_kv_heads must be <= {BLOCK_M}, got {group}")
+    if stages < 1:
+        raise ValueError(f"stages: must be >= 1, got {stages}")
+    kv = kv_pages.astype(q.dtype)   # fp8 caches: one cast (TODO: in-kernel dequant)
+    block_n = max(64, ps)
+    n_rows = t * group
+    nb = gpu_common.num_q_blocks(n_rows, s, BLOCK_M)
+    ns = num_splits or _pick_splits(nb * hkv, p * ps, block_n)
+    meta = _block_meta(kv_lens.astype(jnp.int32), cu_q_lens.astype(jnp.int32), num_seqs,
+                       group=group, nb=nb, block_n=block_n, page_size=ps, window=sliding_window)
+    # q rows: [Hkv, T*G + BLOCK_M, D], row = token*G + g; the tail pad keeps every TMA in bounds.
+    q_rows = q.reshape(t, hkv, group, d).transpose(1, 0, 2, 3).reshape(hkv, n_rows, d)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, BLOCK_M), (0, 0)))
+    scale_log2 = float(sm_scale * (k_scale if k_scale is not None else 1.0) * _LOG2E)
+
+    swizzle = 128
+    transforms = (plgpu.TilingTransform((8, swizzle // q.dtype.itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+    scratch = [
+        plgpu.SMEM((BLOCK_M, d), q.dtype, transforms=transforms),
+        plgpu.SMEM((stages, block_n, d), q.dtype, transforms=transforms),
+        plgpu.SMEM((stages, block_n, d), q.dtype, transforms=transforms),
+        plgpu.SMEM((BLOCK_M,), jnp.float32) if ns > 1 else None,
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_arrivals=block_n // ps, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=block_n // ps, num_barriers=stages),
+    ]
+    body = functools.partial(
+        _kernel, group=group, page_size=ps, block_n=block_n, stages=stages, num_splits=ns,
+        scale_log2=scale_log2, soft_cap=soft_cap, window=sliding_window, dtype=q.dtype,
+        interpret=interpret)
+
+    def entry(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref):
+        def scoped(q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar):
+            @pl.when(meta_ref[lax.axis_index("b"), _SEQ] >= 0)
+            def _():
+                body(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_smem,
+                     lse_smem, q_bar.at[0], k_bar, v_bar)
+        pl.run_scoped(scoped, *scratch)
+
+    out_type = (jax.ShapeDtypeStruct((ns, hkv, nb, BLOCK_M, d), q.dtype),
+                jax.ShapeDtypeStruct((ns, hkv, nb, BLOCK_M), jnp.float32))
+    kw = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kw["interpret"] = InterpretGPUParams()
+    o_blk, lse = plgpu.kernel(
+        entry, out_type=out_type, grid=(nb, hkv, ns), grid_names=("b", "h", "s"),
+        compiler_params=plgpu.CompilerParams(approx_math=True), **kw,
+    )(q_rows, kv, page_indices.astype(jnp.int32), meta)
+
+    # Back to [T, Hq, D]: row r of kv head h lives in block blk_of_row[r] at offset r - row0.
+    rows = jnp.arange(n_rows, dtype=jnp.int32)
+    valid_blk = meta[:, _SEQ] >= 0
+    starts = jnp.where(valid_blk, meta[:, _ROW0], jnp.iinfo(jnp.int32).max)
+    order = jnp.argsort(starts)
+    blk = order[jnp.clip(jnp.searchsorted(starts[order], rows, side="right") - 1, 0, nb - 1)]
+    off = jnp.clip(rows - meta[blk, _ROW0], 0, BLOCK_M - 1)
+    o = o_blk[:, :, blk, off]                                 # [NS, Hkv, R, D]
+    if ns > 1:
+        l2 = lse[:, :, blk, off]                               # [NS, Hkv, R]
+        ok = jnp.isfinite(l2) & (l2 > 0.5 * _MASK)
+        l2 = jnp.where(ok, l2, -jnp.inf)
+        mx = jnp.max(l2, axis=0)
+        w = jnp.where(ok, jnp.exp2(l2 - jnp.where(jnp.isfinite(mx), mx, 0.0)[None]), 0.0)
+        o = jnp.where(ok[..., None], o.astype(jnp.float32), 0.0)
+        o = jnp.sum(w[..., None] * o, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[..., None]
+    else:
+        o = o[0].astype(jnp.float32)
+    out = o.reshape(hkv, t, group, d).transpose(1, 0, 2, 3).reshape(t, hq, d)
+    valid = gpu_common.valid_token_mask(cu_q_lens, num_seqs, t)
+    out = jnp.where(valid[:, None, None], out, 0.0)
+    if v_scale is not None:
+        out = out * v_scale
+    return out.astype(q.dtype)
+
+
+def _pick_splits(work: int, max_kv: int, block_n: int, num_sms: int = 132) -> int:
+    """KV splits so the grid covers ~2 waves of SMs, each split >= 8 tiles."""
+    if work >= 2 * num_sms:
+        return 1
+    return max(1, min(-(-2 * num_sms // work), max_kv // (8 * block_n), 32))

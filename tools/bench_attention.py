@@ -163,6 +163,10 @@ def bench_decode(results, fns, model, batch, ctx, with_baselines):
     sets = ragged_inputs([1] * batch, kvl, hq, hkv, d, copies=copies)
     for n, f in ours(fns, hq, hkv, d, [1] * batch, kvl).items():
         run_case(results, "decode", label, n, f, sets, nbytes=nbytes)
+    if "triton" in fns and batch * ctx >= 32 * 8192:   # tuning variant: deeper pipeline
+        f = jax.jit(functools.partial(fns["triton"], sm_scale=1 / math.sqrt(d), num_stages=3,
+                                      block_n=128))
+        run_case(results, "decode", label, "triton bn128 s3", f, sets, nbytes=nbytes)
     if with_baselines and nbytes <= (2 << 30):
         ref = jax.jit(functools.partial(ref_ragged_paged_attention, sm_scale=1 / math.sqrt(d)))
         run_case(results, "decode", label, "xla_ref", ref, sets, nbytes=nbytes)
@@ -198,6 +202,10 @@ def bench_prefill(results, fns, model, batch, seqlen, with_baselines):
     sets = ragged_inputs(ql, ql, hq, hkv, d)
     for n, f in ours(fns, hq, hkv, d, ql, ql).items():
         run_case(results, "prefill", label, n, f, sets, flops=flops)
+    if "triton" in fns:   # tuning variant: 128-row tiles, 8 warps, 3 stages
+        f = jax.jit(functools.partial(fns["triton"], sm_scale=1 / math.sqrt(d), block_m=128,
+                                      num_warps=8, num_stages=3))
+        run_case(results, "prefill", label, "triton bm128 w8 s3", f, sets, flops=flops)
     del sets
     if with_baselines:
         try:

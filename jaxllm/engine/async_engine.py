@@ -230,6 +230,8 @@ class AsyncEngine:
         try:
             await accepted
         except BaseException:
+            if not accepted.done() or accepted.cancelled():  # caller left while queued: engine may still take it
+                self._commands.put(_Command("abort", request_ids=[request_id]))
             self._close_stream(stream)
             raise
         return stream

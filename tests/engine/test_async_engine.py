@@ -171,3 +171,24 @@ def test_drain_lets_short_requests_finish_and_aborts_long_ones():
 def test_max_queued_requests_is_validated():
     with pytest.raises(ValueError, match="max_queued_requests"):
         AsyncEngine(FakeEngine(), max_queued_requests=0)
+
+
+def test_cancel_while_waiting_for_acceptance_aborts_in_engine():
+    engine = FakeEngine(step_delay=0.01)
+
+    async def body(ae):
+        busy = await ae.add_request("busy", [3], SamplingParams(max_tokens=20))  # engine thread is stepping
+        task = asyncio.create_task(ae.add_request("late", [4], SamplingParams(max_tokens=50)))
+        await asyncio.sleep(0)  # queued, not yet accepted
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        _ = [o async for o in busy]
+        for _ in range(200):
+            if not engine.has_unfinished_requests():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("cancelled request kept running")
+
+    run(body, engine)
+    assert "late" in engine.aborted

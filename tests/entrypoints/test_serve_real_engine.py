@@ -108,6 +108,21 @@ def test_openai_completion_and_chat(served):
     assert "max_tokens" in ei.value.body["message"]
 
 
+def test_n_completions_over_both_apis(served, client):
+    st, engine, _ = served
+    comps = client.generate_n(PROMPTS[2], n=2, max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)
+    assert [c.index for c in comps] == [0, 1]
+    assert all(len(c.token_ids) == 5 and c.finish_reason == "length" for c in comps)
+    assert all(c.text == engine.tokenizer.decode(c.token_ids) for c in comps)
+    oai = openai.OpenAI(base_url=st.http_url + "/v1", api_key="x", max_retries=0, timeout=60)
+    model = oai.models.list().data[0].id
+    r = oai.completions.create(model=model, prompt=[PROMPTS[2], PROMPTS[3]], n=2, max_tokens=5, seed=7,
+                               extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3] and r.usage.completion_tokens == 20
+    # same seed, same prompt → same samples as over gRPC (seeds are per request: seed + i)
+    assert [c.text for c in r.choices if c.index < 2] == [c.text for c in comps]
+
+
 def test_echo_logprobs_scores_the_prompt(served):
     st, engine, _ = served
     oai = openai.OpenAI(base_url=st.http_url + "/v1", api_key="x", max_retries=0, timeout=60)

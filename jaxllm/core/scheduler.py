@@ -137,7 +137,7 @@ class Scheduler:
             sr.request.num_computed_tokens += sr.num_scheduled_tokens
         out = SchedulerOutput(
             scheduled=list(scheduled.values()),
-            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            total_num_scheduled_tokens=sum(sr.num_scheduled_tokens for sr in scheduled.values()),
             preempted_req_ids=preempted,
             finished_req_ids=self.finished_req_ids,
         )

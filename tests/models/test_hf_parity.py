@@ -110,3 +110,33 @@ def test_padding_tokens_do_not_touch_the_cache(models):
         untouched = [i for i in range(flat.shape[0]) if i not in written]
         assert np.all(flat[untouched] == 7.0)
         assert not np.any(flat[sorted(written)] == 7.0)
+
+
+def test_bfloat16_stays_bfloat16_and_close_to_float32(tiny_qwen3_dir):
+    """dtype="bfloat16": params, activations and KV cache in bf16; logits near HF's float32 ones."""
+    import torch
+    import transformers
+
+    model = load_model(ModelConfig(model=tiny_qwen3_dir, dtype="bfloat16"), load_hf_config(tiny_qwen3_dir))
+    num_layers, num_kv_heads, head_dim = model.kv_cache_spec
+    kv = [jnp.zeros((NUM_PAGES, PAGE_SIZE, 2 * num_kv_heads, head_dim), jnp.bfloat16)
+          for _ in range(num_layers)]
+    tokens = list(np.random.default_rng(1).integers(3, VOCAB_SIZE, 10))
+    ids, md = PagedBatcher(NUM_PAGES, PAGE_SIZE, PAGES_PER_SEQ, PAD_SEQS).step({0: tokens}, 16, 2)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(kv, ids, md):
+        m = nnx.merge(graphdef, state)
+        kv, hidden = m(kv, ids, md)
+        return kv, hidden, m.compute_logits(hidden)
+
+    kv, hidden, logits = run(kv, ids, md)
+    assert hidden.dtype == jnp.bfloat16 and all(x.dtype == jnp.bfloat16 for x in kv)
+    assert logits.dtype == jnp.float32
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32).eval()
+    ref = _hf_logits(hf, tokens)
+    ours = np.asarray(logits)[:len(tokens)]
+    scale = np.abs(ref).max()
+    assert np.abs(ours - ref).max() < 0.05 * scale
+    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.8

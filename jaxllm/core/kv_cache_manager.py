@@ -41,6 +41,7 @@ class KVCacheManager:
         self.max_model_len = max_model_len
         self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_to_block_ids: dict[str, list[int]] = {}  # the same tables as ids, for the runner
         # How many leading blocks of each request have been offered to the prefix cache.
         self.num_cached_blocks: dict[str, int] = {}
 
@@ -104,33 +105,45 @@ class KVCacheManager:
             raise ValueError(f"num_new_computed_tokens: must be len(new_computed_blocks) * block_size = "
                              f"{len(new_computed_blocks) * self.block_size}, got {num_new_computed_tokens}")
         rid = request.request_id
-        req_blocks = self.req_to_blocks.get(rid, [])
-        first_allocation = not req_blocks and request.num_computed_tokens == 0
+        req_blocks = self.req_to_blocks.get(rid)
+        first_allocation = req_blocks is None and request.num_computed_tokens == 0
         if new_computed_blocks and not first_allocation:
             raise ValueError(f"new_computed_blocks: only allowed at the first allocation of {rid!r}")
+        num_held = 0 if req_blocks is None else len(req_blocks)
 
         num_computed = request.num_computed_tokens + num_new_computed_tokens
         num_slots = min(num_computed + num_new_tokens, self.max_model_len)
-        num_new_blocks = max(0, cdiv(num_slots, self.block_size) - len(req_blocks) - len(new_computed_blocks))
+        num_new_blocks = max(0, cdiv(num_slots, self.block_size) - num_held - len(new_computed_blocks))
         # Hits on free cached blocks take those blocks out of the free queue.
-        num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0) if new_computed_blocks else 0
         if num_new_blocks > self.block_pool.get_num_free_blocks() - num_evictable_hits:
             return None
 
-        if first_allocation and self.enable_prefix_caching:
-            self.block_pool.record_prefix_query(request.num_tokens, num_new_computed_tokens)
-        self.block_pool.touch(new_computed_blocks)
-        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
-        req_blocks = req_blocks + new_computed_blocks + new_blocks
-        self.req_to_blocks[rid] = req_blocks
+        if req_blocks is None:
+            req_blocks = self.req_to_blocks[rid] = []
+            self.req_to_block_ids[rid] = []
+            if self.enable_prefix_caching:
+                self.block_pool.record_prefix_query(request.num_tokens, num_new_computed_tokens)
+        block_ids = self.req_to_block_ids[rid]
+        if new_computed_blocks:
+            self.block_pool.touch(new_computed_blocks)
+            req_blocks.extend(new_computed_blocks)
+            block_ids.extend(b.block_id for b in new_computed_blocks)
+        new_ids = []
+        if num_new_blocks:
+            new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+            new_ids = [b.block_id for b in new_blocks]
+            req_blocks.extend(new_blocks)
+            block_ids.extend(new_ids)
 
         if self.enable_prefix_caching:
-            update_block_hashes(request, self.block_size)
             num_full = min(num_computed + num_new_tokens, request.num_tokens) // self.block_size
             start = self.num_cached_blocks.get(rid, 0)
-            self.block_pool.cache_full_blocks(request, req_blocks, start, num_full)
-            self.num_cached_blocks[rid] = max(start, num_full)
-        return [b.block_id for b in new_blocks]
+            if num_full > start:
+                update_block_hashes(request, self.block_size)
+                self.block_pool.cache_full_blocks(request, req_blocks, start, num_full)
+                self.num_cached_blocks[rid] = num_full
+        return new_ids
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first, so its prefix stays cached longest.
@@ -141,13 +154,15 @@ class KVCacheManager:
         """
         rid = request.request_id
         blocks = self.req_to_blocks.pop(rid, [])
+        self.req_to_block_ids.pop(rid, None)
         self.num_cached_blocks.pop(rid, None)
         num_valid = request.num_computed_tokens // self.block_size
         self.block_pool.uncache(blocks[num_valid:])
         self.block_pool.free_blocks(reversed(blocks))
 
     def get_block_ids(self, request: Request) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(request.request_id, ())]
+        """A copy of the request's block table (block ids)."""
+        return list(self.req_to_block_ids.get(request.request_id, ()))
 
     def reset_prefix_cache(self) -> None:
         self.block_pool.reset_prefix_cache()

@@ -245,13 +245,40 @@ def bench_mixed(results, fns, model):
             print(json.dumps(results[-1]), flush=True)
 
 
+def markdown(path: str) -> str:
+    """Renders a bench_attention.json as the markdown table used in BENCHMARKS.md."""
+    data = json.loads(Path(path).read_text())
+    c = data["ceilings"]
+    lines = [f"Ceilings measured in the same run: copy {c['copy_bw'] / 1e12:.2f} TB/s (read+write), "
+             f"bf16 matmul {c['matmul_flops'] / 1e12:.0f} TFLOP/s.", "",
+             "| case | backend | time (us) | GB/s | % copy | TFLOP/s | % matmul | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in data["results"]:
+        if "ratio" in r:
+            lines.append(f"| {r['case']} | {r['backend']} | | | | | | ratio {r['ratio']:.2f} |")
+            continue
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['backend']} | | | | | | {r['error'][:80].replace(chr(10), ' ').replace('|', '/')} |")
+            continue
+        f = lambda k, fmt: (fmt % r[k]) if k in r else ""  # noqa: E731
+        pc = f"{100 * r['frac_copy']:.0f}%" if "frac_copy" in r else ""
+        pm = f"{100 * r['frac_mm']:.0f}%" if "frac_mm" in r else ""
+        lines.append(f"| {r['case']} | {r['backend']} | {r['us']:.1f} | {f('GBps', '%.0f')} | "
+                     f"{pc} | {f('TFLOPs', '%.1f')} | {pm} | |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--markdown", default=None, help="print a saved JSON as markdown and exit")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--backends", default="triton,mosaic_gpu")
     ap.add_argument("--quick", action="store_true", help="llama only, fewer cases")
     ap.add_argument("--no-baselines", action="store_true")
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown(a.markdown))
+        return
     dev = jax.devices()[0]
     info = dict(device=str(dev.device_kind), jax=jax.__version__)
     try:

@@ -67,7 +67,7 @@ def make_tiny_tokenizer(out_dir: str):
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
                                    pad_token=PAD, chat_template=CHAT_TEMPLATE)
-    fast.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir, save_jinja_files=False)  # chat_template inside tokenizer_config.json
     return fast
 
 

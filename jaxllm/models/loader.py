@@ -16,7 +16,7 @@ import functools
 import glob
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +103,8 @@ def _place(x: jax.Array, var: nnx.Param, mesh: Mesh | None) -> jax.Array:
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
-def _iter_tensors(files: list[str]) -> Iterator[tuple[str, Any]]:
+def _iter_tensors(files: list[str]) -> Iterator[tuple[str, Any, Callable[[], jax.Array]]]:
+    """(name, lazy slice for the header's shape, read()) per tensor; nothing is read until read()."""
     from safetensors import safe_open
 
     # framework="flax" reads bfloat16 too (numpy cannot).

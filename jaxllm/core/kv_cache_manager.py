@@ -70,7 +70,8 @@ class KVCacheManager:
         Capped at ``num_tokens - 1`` tokens so the last token is always recomputed and the step
         has logits to sample from. Takes no references: pass the result to ``allocate_slots``.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            # Prompt logprobs need logits at every prompt position: cached tokens have none.
             return [], 0
         hashes = update_block_hashes(request, self.block_size)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size

@@ -186,3 +186,12 @@ def test_priority_policy_serves_urgent_first(tiny_llama_dir):
     while engine.has_unfinished_requests():
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["high", "low"]
+
+
+def test_prompt_logprobs_complete_even_with_a_cached_prefix(llm):
+    prompt = _prompt(40, seed=21)
+    llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)  # fills the cache
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    assert all(tok in lp for tok, lp in zip(prompt[1:], out.prompt_logprobs[1:]))

@@ -123,6 +123,20 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages for the chat template: OpenAI content-part lists are joined into plain text."""
+        out = []
+        for i, m in enumerate(self.messages):
+            content = m.get("content")
+            if isinstance(content, list):
+                try:
+                    content = "".join(part["text"] for part in content if part.get("type") == "text")
+                except (TypeError, KeyError, AttributeError):
+                    raise OpenAIError(400, f"messages.{i}.content: parts must be {{'type': 'text', 'text': ...}}",
+                                      param=f"messages.{i}.content") from None
+            out.append({**m, "content": content})
+        return out
+
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError(400, "top_logprobs: requires logprobs=true", param="top_logprobs")

@@ -288,7 +288,7 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics | None = None, *, api_
         check_tokenizer("messages")
         params = body.to_sampling_params()
         try:
-            text = tok.apply_chat_template(body.messages, tokenize=False,
+            text = tok.apply_chat_template(body.template_messages(), tokenize=False,
                                            add_generation_prompt=body.add_generation_prompt,
                                            **(body.chat_template_kwargs or {}))
         except Exception as e:  # no template, bad message shape, template error

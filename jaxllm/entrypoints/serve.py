@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -202,7 +203,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (-1 disables the gRPC server)")
     g.add_argument("--http-port", type=int, default=8000,
                    help="OpenAI-compatible HTTP port (-1 disables the HTTP server)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (gRPC and /v1/*)")
+    g.add_argument("--api-key", default=os.environ.get("JAXLLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on gRPC and /v1/* (default: $JAXLLM_API_KEY)")
     g.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse new requests (429 / RESOURCE_EXHAUSTED) while this many wait for a first token")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,

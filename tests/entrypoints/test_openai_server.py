@@ -89,6 +89,9 @@ def test_chat_completion_and_stream(oai, server):
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
     assert stream[-1].usage.total_tokens == len(ids) + 3
+    parts = [{"role": "user", "content": [{"type": "text", "text": "w1 "}, {"type": "text", "text": "w2"}]}]
+    r2 = oai.chat.completions.create(model="fake-model", messages=parts, max_tokens=3)
+    assert r2.choices[0].message.content == r.choices[0].message.content
 
 
 def test_raw_sse_ends_with_done(server):

@@ -107,6 +107,8 @@ def _pressure_setup(policy):
     sched.add_request(mid)
     step(sched)
     assert sched.running == [lo, hi, mid] and sched.kv_cache_manager.num_free_blocks == 0
+    # A request already waiting: the victim must still be put in front of it.
+    sched.add_request(make_request("late", [40, 41], max_tokens=2, priority=9, arrival_time=3.0))
     return sched, lo, hi, mid
 
 
@@ -117,7 +119,7 @@ def test_preemption_picks_the_policys_victim(policy):
     victim = mid if policy == "fcfs" else lo  # fcfs: last running; priority: worst priority
     assert out.preempted_req_ids == {victim.request_id}
     assert victim.status == RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
-    assert victim not in sched.running and sched.waiting.peek() is victim
+    assert victim not in sched.running and [r.request_id for r in sched.waiting] == [victim.request_id, "late"]
     assert sched.kv_cache_manager.get_block_ids(victim) == []
     # With priority the victim had already been scheduled this step: it is taken back out.
     assert set(sched_tokens(out)) == {"lo", "hi", "mid"} - {victim.request_id}

@@ -146,3 +146,11 @@ def test_reset_prefix_cache_drops_all_hits():
     run_prefill(kv, make_request("a", list(range(9))))
     kv.reset_prefix_cache()
     assert kv.get_computed_blocks(make_request("b", list(range(9)))) == ([], 0)
+
+
+def test_prompt_logprobs_requests_skip_the_prefix_cache():
+    kv = KVCacheManager(num_blocks=16, block_size=BS, enable_prefix_caching=True, max_model_len=64)
+    run_prefill(kv, make_request("a", list(range(9))))
+    # Every prompt position needs logits, and cached tokens have none.
+    assert kv.get_computed_blocks(make_request("b", list(range(9)), prompt_logprobs=1)) == ([], 0)
+    assert kv.get_computed_blocks(make_request("c", list(range(9))))[1] == 8

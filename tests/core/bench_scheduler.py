@@ -24,10 +24,11 @@ def run(num_requests: int, prompt_len: int, max_tokens: int, caching: bool, shar
     while sched.has_unfinished_requests():
         t0 = time.perf_counter()
         out = sched.schedule()
+        t_sched += time.perf_counter() - t0
+        model_output = fake_output(out, token=5)
         t1 = time.perf_counter()
-        sched.update_from_output(out, fake_output(out, token=5))
+        sched.update_from_output(out, model_output)
         t_update += time.perf_counter() - t1
-        t_sched += t1 - t0
         steps += 1
     return steps, 1e3 * t_sched / steps, 1e3 * t_update / steps, sched.stats()
 

@@ -88,6 +88,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _ in range(num_steps):
             self._step(lambda: rng.randrange(VOCAB))
 
+    @rule(seed=st.integers(0, 9))
+    def reset_prefix_cache(self, seed):
+        if seed == 0:  # rarely: it wipes out the hits the other rules build up
+            self.sched.reset_prefix_cache()
+            assert not self.pool.cached
+
     def _step(self, draw_token):
         had_work = self.sched.has_unfinished_requests()
         out = self.sched.schedule()

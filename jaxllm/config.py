@@ -52,8 +52,9 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
-        _check(self.block_size in (8, 16, 32, 64, 128, 256), "block_size",
-               f"must be one of 8, 16, 32, 64, 128, 256, got {self.block_size}")
+        _check(isinstance(self.block_size, int) and 1 <= self.block_size <= 256
+               and self.block_size & (self.block_size - 1) == 0, "block_size",
+               f"must be a power of two in [1, 256], got {self.block_size}")
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
                f"must be >= 1, got {self.num_kv_blocks}")
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
@@ -66,11 +67,16 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None
     policy: str = "fcfs"
     max_model_len: int = 0  # filled in by EngineConfig.finalize
+    # When every running request is decoding, run this many decode steps per dispatch (the host
+    # checks stops afterwards). 1 disables it.
+    num_decode_steps: int = 8
 
     def __post_init__(self):
         _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                "max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
+        _check(1 <= self.num_decode_steps <= 64, "num_decode_steps",
+               f"must be in [1, 64], got {self.num_decode_steps}")
         _check(self.policy in _POLICIES, "scheduling_policy",
                f"must be one of {_POLICIES}, got {self.policy!r}")
 

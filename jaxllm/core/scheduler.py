@@ -144,6 +144,40 @@ class Scheduler:
         self.finished_req_ids = set()
         return out
 
+    def schedule_decode_steps(self, num_steps: int) -> SchedulerOutput | None:
+        """Schedule up to ``num_steps`` decode tokens for every running request in one step.
+
+        Only when nothing is waiting and every running request is decoding (its KV holds all but
+        its last token). Each request gets ``min(num_steps, tokens it may still generate)`` slots;
+        returns None (and changes nothing) when that does not apply or the blocks do not fit, and
+        the caller falls back to ``schedule()``.
+        """
+        if len(self.waiting) or not self.running:
+            return None
+        steps: list[int] = []
+        for r in self.running:
+            if r.num_computed_tokens != r.num_tokens - 1:
+                return None
+            steps.append(max(1, min(num_steps, r.max_tokens - r.num_output_tokens,
+                                    self.max_model_len - r.num_computed_tokens)))
+        if max(steps) < 2:
+            return None
+        kv = self.kv_cache_manager
+        needed = sum(max(0, cdiv(r.num_computed_tokens + n, self.block_size) - len(kv.get_block_ids(r)))
+                     for r, n in zip(self.running, steps))
+        if needed > kv.num_free_blocks:
+            return None
+        scheduled = []
+        for r, n in zip(self.running, steps):
+            if kv.allocate_slots(r, n) is None:  # cannot happen after the check above
+                raise RuntimeError(f"KV allocation failed for {r.request_id} after the free-block check")
+            scheduled.append(ScheduledRequest(r, r.num_computed_tokens, n, kv.get_block_ids(r)))
+            r.num_computed_tokens += n
+        out = SchedulerOutput(scheduled=scheduled, total_num_scheduled_tokens=sum(steps),
+                              finished_req_ids=self.finished_req_ids, num_decode_steps=num_steps)
+        self.finished_req_ids = set()
+        return out
+
     def _pick_victim(self) -> Request:
         if self.policy == "priority":
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))

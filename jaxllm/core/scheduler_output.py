@@ -46,6 +46,10 @@ class SchedulerOutput:
     preempted_req_ids: set[str] = field(default_factory=set)
     # Requests that finished or were aborted since the previous step (runner may drop their state).
     finished_req_ids: set[str] = field(default_factory=set)
+    # > 1: a multi-step decode. Every scheduled request is a decode whose first input is its last
+    # known token; the device samples and feeds back up to num_scheduled_tokens tokens per request
+    # (at most num_decode_steps) and the host checks stops afterwards.
+    num_decode_steps: int = 1
 
     @property
     def is_empty(self) -> bool:

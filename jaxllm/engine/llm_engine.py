@@ -181,7 +181,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         changed: dict[str, _Parent] = dict(self._pending)
         self._pending.clear()
-        so = self.scheduler.schedule()
+        so = None
+        if self.config.scheduler_config.num_decode_steps > 1 and self._can_multi_step():
+            so = self.scheduler.schedule_decode_steps(self.config.scheduler_config.num_decode_steps)
+        if so is None:
+            so = self.scheduler.schedule()
         if not so.is_empty:
             ro = self.runner.execute(so)
             now = time.monotonic()
@@ -205,6 +209,15 @@ class LLMEngine:
                     for s in parent.seqs:
                         self._seq_of.pop(s.request.request_id, None)
         return outputs
+
+    def _can_multi_step(self) -> bool:
+        """Multi-step decode keeps per-step inputs fixed on device: no penalties (token history) and
+        no min_tokens bans, which change every step."""
+        for r in self.scheduler.running:
+            sp = r.sampling_params
+            if sp.uses_penalties or r.num_output_tokens < sp.min_tokens:
+                return False
+        return True
 
     def _process_tokens(self, seq: _Seq, logprobs: list[dict[int, float]] | None, now: float) -> bool:
         req = seq.request

@@ -11,6 +11,7 @@ cache is donated, so XLA updates it in place. Every (tokens, seqs) bucket is com
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -23,7 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxllm.config import EngineConfig
-from jaxllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from jaxllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from jaxllm.layers.attention_metadata import AttentionMetadata
 from jaxllm.layers.sampler import sample
 from jaxllm.layers.sampling_metadata import SamplingMetadata
@@ -42,6 +43,42 @@ def _step_fn(graphdef, state, kv_caches, input_ids, attn_md, logits_indices, sam
     logits = model.compute_logits(hidden[logits_indices])       # [S, V]
     out = sample(logits, sampling_md, NUM_LOGPROBS)
     return kv_caches, out, hidden
+
+
+def _multi_decode_fn(graphdef, block_size, num_steps, state, kv_caches, input_ids, positions, page_indices,
+                     max_steps, num_seqs, sampling_md):
+    """``num_steps`` decode steps in one dispatch: each samples a token and feeds it back on device.
+
+    input_ids / positions / max_steps: [S] (the last known token of each sequence, its position,
+    and how many of the steps it may take: a row past its max_steps writes no KV). Returns the
+    sampled tokens, their logprobs and top-k as [num_steps, S, ...] arrays.
+    """
+    model = nnx.merge(graphdef, state)
+    S, P = page_indices.shape
+    rows = jnp.arange(S, dtype=jnp.int32)
+    real = rows < num_seqs[0]
+    cu_q_lens = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), num_seqs[0])
+
+    def body(k, carry):
+        kv_caches, ids, toks, lps, top_ids, top_lps = carry
+        pos = positions + k
+        active = real & (k < max_steps)
+        page = page_indices[rows, jnp.minimum(pos // block_size, P - 1)]
+        md = AttentionMetadata(
+            input_positions=pos, slot_mapping=jnp.where(active, page * block_size + pos % block_size, -1),
+            kv_lens=jnp.where(real, jnp.minimum(pos + 1, P * block_size), 0), page_indices=page_indices,
+            cu_q_lens=cu_q_lens, num_seqs=num_seqs)
+        kv_caches, hidden = model(kv_caches, ids, md)                      # hidden: [S, D]
+        out = sample(model.compute_logits(hidden), dataclasses.replace(sampling_md, steps=sampling_md.steps + k),
+                     NUM_LOGPROBS)
+        return (kv_caches, out.token_ids, toks.at[k].set(out.token_ids), lps.at[k].set(out.logprobs),
+                top_ids.at[k].set(out.top_ids), top_lps.at[k].set(out.top_logprobs))
+
+    init = (kv_caches, input_ids, jnp.zeros((num_steps, S), jnp.int32), jnp.zeros((num_steps, S), jnp.float32),
+            jnp.zeros((num_steps, S, NUM_LOGPROBS), jnp.int32),
+            jnp.zeros((num_steps, S, NUM_LOGPROBS), jnp.float32))
+    kv_caches, _, toks, lps, top_ids, top_lps = jax.lax.fori_loop(0, num_steps, body, init)
+    return kv_caches, toks, lps, top_ids, top_lps
 
 
 def _prompt_logprobs_fn(graphdef, state, hidden, target_ids):
@@ -68,6 +105,10 @@ class ModelRunner:
         self.kv_dtype = model.dtype if hasattr(model, "dtype") else jnp.float32
         self._step = jax.jit(functools.partial(_step_fn, self.graphdef), donate_argnums=(1,))
         self._prompt_lp = jax.jit(functools.partial(_prompt_logprobs_fn, self.graphdef))
+        self.num_decode_steps = sc.num_decode_steps
+        self.decode_buckets = sorted({b.num_seqs for b in self.buckets})
+        self._multi_decode = jax.jit(functools.partial(_multi_decode_fn, self.graphdef, self.block_size,
+                                                       self.num_decode_steps), donate_argnums=(1,))
 
         per_block = kvc.bytes_per_block(num_layers, num_kv_heads, head_dim, self.block_size, self.kv_dtype)
         divisor = 1
@@ -101,7 +142,7 @@ class ModelRunner:
     # ---------------------------------------------------------------- compile
     @property
     def num_compilations(self) -> int:
-        return self._step._cache_size() + self._prompt_lp._cache_size()
+        return self._step._cache_size() + self._prompt_lp._cache_size() + self._multi_decode._cache_size()
 
     def precompile(self, progress: bool = True) -> float:
         """Compile every bucket (runs each once on an all-padding batch). Returns seconds taken."""
@@ -111,6 +152,11 @@ class ModelRunner:
             out, hidden = self._run(hb)
             jax.block_until_ready(out.token_ids)
             self._prompt_lp(self.state, hidden, jnp.zeros(bucket.num_tokens, jnp.int32))
+        if self.num_decode_steps > 1:
+            for s in tqdm(self.decode_buckets, desc="Compiling decode", disable=not progress, leave=False):
+                hb = pack_batch(SchedulerOutput(), Bucket(s, s), self.block_size, self.pages_per_seq,
+                                self.max_model_len)
+                jax.block_until_ready(self._run_multi(hb, np.zeros(s, np.int32))[0])
         jax.effects_barrier()
         return time.perf_counter() - t0
 
@@ -123,23 +169,62 @@ class ModelRunner:
             self._empty_hist[s] = jnp.full((s, self.max_model_len), -1, jnp.int32)
         return self._empty_hist[s]
 
-    def _run(self, hb: HostBatch):
-        attn_md = AttentionMetadata(
-            input_positions=hb.positions, slot_mapping=hb.slot_mapping, kv_lens=hb.kv_lens,
-            page_indices=hb.page_indices, cu_q_lens=hb.cu_q_lens,
-            num_seqs=np.array([hb.num_seqs], np.int32))
-        sampling_md = SamplingMetadata(
+    def _sampling_md(self, hb: HostBatch) -> SamplingMetadata:
+        return SamplingMetadata(
             temperature=hb.temperature, top_k=hb.top_k, top_p=hb.top_p, min_p=hb.min_p,
             presence_penalty=hb.presence_penalty, frequency_penalty=hb.frequency_penalty,
             repetition_penalty=hb.repetition_penalty, seeds=hb.seeds, steps=hb.steps,
             hist_ids=self._hist(hb), prompt_lens=hb.prompt_lens, banned_ids=hb.banned_ids,
             any_penalties=np.asarray(hb.hist_ids is not None),
             any_top_k_top_p=np.asarray(hb.any_top_k_top_p))
+
+    def _run(self, hb: HostBatch):
+        attn_md = AttentionMetadata(
+            input_positions=hb.positions, slot_mapping=hb.slot_mapping, kv_lens=hb.kv_lens,
+            page_indices=hb.page_indices, cu_q_lens=hb.cu_q_lens,
+            num_seqs=np.array([hb.num_seqs], np.int32))
         self.kv_caches, out, hidden = self._step(self.state, self.kv_caches, hb.input_ids, attn_md,
-                                                 hb.logits_indices, sampling_md)
+                                                 hb.logits_indices, self._sampling_md(hb))
         return out, hidden
 
+    def _run_multi(self, hb: HostBatch, max_steps: np.ndarray):
+        S = hb.bucket.num_seqs
+        self.kv_caches, *outs = self._multi_decode(
+            self.state, self.kv_caches, hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
+            np.array([hb.num_seqs], np.int32), self._sampling_md(hb))
+        return outs
+
+    def _execute_multi(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Several decode steps in one dispatch (every scheduled request is a decode)."""
+        S = next(s for s in self.decode_buckets if s >= len(so.scheduled))
+        first = SchedulerOutput(
+            scheduled=[ScheduledRequest(sr.request, sr.num_computed_tokens, 1, sr.block_ids) for sr in so.scheduled],
+            total_num_scheduled_tokens=len(so.scheduled))
+        hb = pack_batch(first, Bucket(S, S), self.block_size, self.pages_per_seq, self.max_model_len)
+        max_steps = np.zeros(S, np.int32)
+        max_steps[:len(so.scheduled)] = [sr.num_scheduled_tokens for sr in so.scheduled]
+        toks, lps, top_ids, top_lps = self._run_multi(hb, max_steps)
+        toks = np.asarray(toks)  # [K, S]: the one device → host sync
+        result = ModelRunnerOutput()
+        want_lp = any(sr.request.sampling_params.logprobs is not None for sr in so.scheduled)
+        if want_lp:
+            lps, top_ids, top_lps = jax.device_get((lps, top_ids, top_lps))
+        for i, sr in enumerate(so.scheduled):
+            n = sr.num_scheduled_tokens
+            result.sampled_token_ids[sr.request_id] = toks[:n, i].tolist()
+            k = sr.request.sampling_params.logprobs
+            if k is not None:
+                entries = []
+                for j in range(n):
+                    d = {int(t): float(v) for t, v in zip(top_ids[j, i, :k], top_lps[j, i, :k])}
+                    d[int(toks[j, i])] = float(lps[j, i])
+                    entries.append(d)
+                result.logprobs[sr.request_id] = entries
+        return result
+
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        if so.num_decode_steps > 1:
+            return self._execute_multi(so)
         n_tokens = so.total_num_scheduled_tokens
         bucket = pick_bucket(self.buckets, n_tokens, len(so.scheduled))
         hb = pack_batch(so, bucket, self.block_size, self.pages_per_seq, self.max_model_len)

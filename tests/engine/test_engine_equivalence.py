@@ -56,3 +56,9 @@ def test_preemption_same_tokens(tiny_llama_dir, baseline):
 def test_one_seq_at_a_time_same_tokens(tiny_llama_dir, baseline):
     seqs, _ = _run(tiny_llama_dir, max_num_seqs=1, max_num_batched_tokens=128)
     check_logprobs_close(baseline[0], seqs, "many", "max_num_seqs=1")
+
+
+def test_single_step_decode_same_tokens(tiny_llama_dir, baseline):
+    # The baseline decodes 8 steps per dispatch (the default); one step per dispatch must agree.
+    seqs, _ = _run(tiny_llama_dir, max_num_seqs=16, max_num_batched_tokens=128, num_decode_steps=1)
+    check_logprobs_close(baseline[0], seqs, "8-step", "1-step")

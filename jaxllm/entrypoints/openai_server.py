@@ -223,7 +223,7 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics | None = None, *, api_
                 ids = [] if drop_generated else list(c.token_ids)
                 text = "" if drop_generated else c.text
                 lps = (c.logprobs or [])[:len(ids)]
-                n_gen += len(c.token_ids)
+                n_gen += len(ids)  # 0 when echo-only scoring drops its one generated token
                 logprobs = None
                 if body.echo:
                     p_text, p_ids, p_lps = prompt_parts(out)
@@ -254,7 +254,7 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics | None = None, *, api_
                     ids = [] if drop_generated else list(c.delta_token_ids)
                     text = "" if drop_generated else c.delta_text
                     lps = (c.logprobs[len(c.logprobs) - len(c.delta_token_ids):] if c.logprobs else [])[:len(ids)]
-                    n_gen[idx] = len(c.token_ids)
+                    n_gen[idx] = 0 if drop_generated else len(c.token_ids)
                     logprobs = fmt.completion(ids, lps, k) if k is not None else None
                     if body.echo and idx not in echoed:
                         echoed.add(idx)

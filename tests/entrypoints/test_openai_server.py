@@ -59,6 +59,7 @@ def test_echo_with_logprobs_scores_the_prompt(oai, server):
     assert lp.tokens == ["w1", "w2", "w3"] and r.choices[0].text.startswith("w1 w2 w3")
     assert lp.token_logprobs[0] is None and all(isinstance(x, float) for x in lp.token_logprobs[1:])
     assert lp.text_offset == [0, 2, 4]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 0)
     r2 = oai.completions.create(model="fake-model", prompt="w1 w2", max_tokens=2, echo=True, logprobs=2)
     assert len(r2.choices[0].logprobs.tokens) == 4 and len(r2.choices[0].logprobs.top_logprobs[2]) == 2
     assert r2.choices[0].text.replace(" ", "") == (

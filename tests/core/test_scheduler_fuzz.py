@@ -82,11 +82,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert all(r.status == status for r in reqs)
         assert not any(i in self.sched.requests for i in chosen)
 
-    @rule(seed=st.integers(0, 2**32 - 1), num_steps=st.integers(1, 4))
-    def step(self, seed, num_steps):
+    @rule(seed=st.integers(0, 2**32 - 1), num_steps=st.integers(1, 4), decode_steps=st.integers(1, 4))
+    def step(self, seed, num_steps, decode_steps):
         rng = random.Random(seed)
         for _ in range(num_steps):
-            self._step(lambda: rng.randrange(VOCAB))
+            self._step(lambda: rng.randrange(VOCAB), decode_steps)
 
     @rule(seed=st.integers(0, 9))
     def reset_prefix_cache(self, seed):
@@ -94,32 +94,44 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.sched.reset_prefix_cache()
             assert not self.pool.cached
 
-    def _step(self, draw_token):
+    def _step(self, draw_token, decode_steps=1):
         had_work = self.sched.has_unfinished_requests()
-        out = self.sched.schedule()
+        out = None
+        if decode_steps > 1 and hasattr(self.sched, "schedule_decode_steps"):
+            out = self.sched.schedule_decode_steps(decode_steps)  # None: does not apply now
+        multi = out is not None
+        if out is None:
+            out = self.sched.schedule()
         assert not had_work or out.scheduled, "scheduler made no progress"
         n_sched = [sr.num_scheduled_tokens for sr in out.scheduled]
-        assert all(n >= 1 for n in n_sched)
-        assert out.total_num_scheduled_tokens == sum(n_sched) <= self.budget
+        assert all(n >= 1 for n in n_sched) and out.total_num_scheduled_tokens == sum(n_sched)
+        if not multi:
+            assert out.total_num_scheduled_tokens <= self.budget
         assert len({sr.request_id for sr in out.scheduled}) == len(out.scheduled)
         assert len(self.sched.running) <= self.sched.max_num_seqs
         assert not out.preempted_req_ids & {sr.request_id for sr in out.scheduled}
-        for sr in out.scheduled:  # 1. write this step's KV (all layers write before attention)
+        # The model's tokens, drawn up front: a multi-step decode feeds token k back as input k+1.
+        sampled, context = {}, {}
+        for sr in out.scheduled:
+            c, n = sr.num_computed_tokens, sr.num_scheduled_tokens
             tokens = sr.request.all_token_ids
-            end = sr.num_computed_tokens + sr.num_scheduled_tokens
-            assert end <= sr.request.num_tokens and len(sr.block_ids) >= cdiv(end, self.bs)
-            assert 0 not in sr.block_ids  # the null block is never handed out
-            for pos in range(sr.num_computed_tokens, end):
-                self.memory[(sr.block_ids[pos // self.bs], pos % self.bs)] = tuple(tokens[:pos + 1])
-        sampled = {}
-        for sr in out.scheduled:  # 2. attention reads the whole context back
-            tokens = sr.request.all_token_ids
-            end = sr.num_computed_tokens + sr.num_scheduled_tokens
-            for pos in range(end):
-                got = self.memory.get((sr.block_ids[pos // self.bs], pos % self.bs))
-                assert got == tuple(tokens[:pos + 1]), f"{sr.request_id} reads stale KV at {pos}"
-            if sr.samples:
+            if multi:
+                assert c == len(tokens) - 1
+                sampled[sr.request_id] = [draw_token() for _ in range(n)]
+            elif sr.samples:
                 sampled[sr.request_id] = [draw_token()]
+            context[sr.request_id] = tokens + sampled.get(sr.request_id, [])[:-1]
+            assert c + n <= len(context[sr.request_id]) and len(sr.block_ids) >= cdiv(c + n, self.bs)
+            assert 0 not in sr.block_ids  # the null block is never handed out
+        for sr in out.scheduled:  # 1. write this step's KV (all layers write before attention)
+            ctx = context[sr.request_id]
+            for pos in range(sr.num_computed_tokens, sr.num_computed_tokens + sr.num_scheduled_tokens):
+                self.memory[(sr.block_ids[pos // self.bs], pos % self.bs)] = tuple(ctx[:pos + 1])
+        for sr in out.scheduled:  # 2. attention reads the whole context back
+            ctx = context[sr.request_id]
+            for pos in range(sr.num_computed_tokens + sr.num_scheduled_tokens):
+                got = self.memory.get((sr.block_ids[pos // self.bs], pos % self.bs))
+                assert got == tuple(ctx[:pos + 1]), f"{sr.request_id} reads stale KV at {pos}"
         changed = self.sched.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled))
         assert {r.request_id for r in changed} == set(sampled)
 

@@ -13,8 +13,9 @@ same thing. Order within a step:
 
 Bookkeeping convention (as vLLM): ``num_computed_tokens`` advances when a step is *scheduled*, at
 the end of ``schedule()``; ``ScheduledRequest.num_computed_tokens`` keeps the value before the step.
-``update_from_output`` only appends sampled tokens and checks stops. Call ``finish_requests``
-between steps (after ``update_from_output``), never while a scheduled step is still running.
+``update_from_output`` appends sampled tokens and checks stops (and, if the runner returned fewer
+tokens than scheduled, pulls ``num_computed_tokens`` back to ``num_tokens - 1``). Call
+``finish_requests`` between steps (after ``update_from_output``), never while a step is running.
 """
 
 from __future__ import annotations
@@ -207,13 +208,18 @@ class Scheduler:
             if request.is_finished() or request.request_id not in self.requests:
                 continue  # aborted since the step was scheduled
             new_tokens = model_runner_output.sampled_token_ids.get(request.request_id) or []
-            if not new_tokens:
-                continue
             for token in new_tokens:
                 request.append_output_token_ids([token])
                 if self._check_stop(request, token):
                     finished.append(request)
                     break
+            # The newest token never has KV yet. If the runner returned fewer tokens than the step
+            # scheduled (none at all, or a multi-step decode cut short), recompute from there
+            # instead of leaving a request with nothing left to schedule.
+            if request.num_computed_tokens > request.num_tokens - 1:
+                request.num_computed_tokens = request.num_tokens - 1
+            if not new_tokens:
+                continue
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now

@@ -4,6 +4,7 @@ import pytest
 
 from jaxllm.config import CacheConfig, SchedulerConfig
 from jaxllm.core.scheduler import Scheduler
+from jaxllm.core.scheduler_output import ModelRunnerOutput
 from jaxllm.request import RequestStatus
 from tests.core.helpers import EOS, fake_output, make_request, make_scheduler, sched_tokens, step
 
@@ -283,3 +284,15 @@ def test_stats_reports_the_state():
     assert s == {"kv_blocks_total": 32, "kv_blocks_free": 30, "prefix_cache_queries": 10,
                  "prefix_cache_hits": 0, "num_preemptions": 0, "num_requests_running": 1,
                  "num_requests_waiting": 2}
+
+
+def test_a_sampling_step_without_a_token_is_recomputed():
+    sched = make_scheduler()
+    req = make_request("r", [1, 3, 5, 9], max_tokens=2)
+    sched.add_request(req)
+    out = sched.schedule()
+    assert sched.update_from_output(out, ModelRunnerOutput()) == []  # the runner returned nothing
+    assert req.num_computed_tokens == 3 and req.output_token_ids == []
+    out, _ = step(sched)
+    assert sched_tokens(out) == {"r": 1} and out.scheduled[0].num_computed_tokens == 3
+    assert req.output_token_ids == [7]

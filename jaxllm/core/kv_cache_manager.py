@@ -166,6 +166,8 @@ class KVCacheManager:
         return list(self.req_to_block_ids.get(request.request_id, ()))
 
     def reset_prefix_cache(self) -> None:
+        """Forget all cached prefixes (e.g. after new weights). Blocks of live requests are not
+        offered to the cache again: their KV may come from the old weights."""
         self.block_pool.reset_prefix_cache()
         for rid in self.num_cached_blocks:
             self.num_cached_blocks[rid] = len(self.req_to_blocks.get(rid, ()))

@@ -51,7 +51,7 @@ class ServerMetrics:
         self.request_success = Counter("jaxllm:request_success", "Finished requests by finish reason.",
                                        ["model_name", "finished_reason"], registry=r)
         self.ttft = h("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
-        self.itl = h("inter_token_latency_seconds", "Time between consecutive output chunks.", _ITL_BUCKETS)
+        self.itl = h("inter_token_latency_seconds", "Time between consecutive output tokens.", _ITL_BUCKETS)
         self.e2e = h("e2e_request_latency_seconds", "End-to-end request latency.", _E2E_BUCKETS)
         self.queue_time = h("request_queue_time_seconds", "Time from arrival to first scheduling.",
                             _E2E_BUCKETS)
@@ -90,8 +90,10 @@ class ServerMetrics:
     def on_tokens(self, num_tokens: int, itl_s: float | None) -> None:
         self.generation_tokens.inc(num_tokens)
         self._window_gen += num_tokens
-        if itl_s is not None:
-            self.itl.observe(itl_s)
+        if itl_s is not None and num_tokens > 0:
+            # Several tokens in one chunk (multi-step decode): spread the gap over them.
+            for _ in range(num_tokens):
+                self.itl.observe(itl_s / num_tokens)
 
     def on_finished(self, e2e_s: float, finish_reason: str | None) -> None:
         self.e2e.observe(e2e_s)

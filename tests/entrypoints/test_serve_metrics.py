@@ -35,7 +35,8 @@ def test_request_histograms_and_log_line():
     s = samples(m)
     assert s["jaxllm:prompt_tokens_total"] == 7 and s["jaxllm:generation_tokens_total"] == 3
     assert s["jaxllm:time_to_first_token_seconds_count"] == 1 and s["jaxllm:time_to_first_token_seconds_sum"] == 0.05
-    assert s["jaxllm:inter_token_latency_seconds_count"] == 1
+    assert s["jaxllm:inter_token_latency_seconds_count"] == 2  # 2 tokens in one 20 ms chunk
+    assert abs(s["jaxllm:inter_token_latency_seconds_sum"] - 0.02) < 1e-9
     assert s["jaxllm:e2e_request_latency_seconds_sum"] == 0.5
     assert s["jaxllm:request_queue_time_seconds_sum"] == 0.01
     assert s["jaxllm:request_success_total"] == 1

@@ -18,7 +18,7 @@ from flax import nnx
 from jaxllm.config import ModelConfig
 from jaxllm.models.hf_config import load_hf_config
 from jaxllm.models.loader import load_model
-from tests.conftest import TINY_CHECKPOINTS, VOCAB_SIZE
+from tests.conftest import TINY_CHECKPOINTS, VOCAB_SIZE, make_tiny_checkpoint
 from tests.models.paged_batch import PagedBatcher
 
 PAGE_SIZE, NUM_PAGES, PAGES_PER_SEQ = 4, 40, 6
@@ -45,13 +45,24 @@ def _hf_logits(hf_model, tokens: list[int]) -> np.ndarray:
         return hf_model(torch.tensor([tokens])).logits[0].float().numpy()   # [L, V]
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_CHECKPOINTS))
-def models(request):
+# Variants only these tests need: (base kind, config overrides).
+VARIANTS = {
+    # Qwen2 with a sliding window on layers >= max_window_layers only (per-layer windows).
+    "qwen2_swa": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CHECKPOINTS) + sorted(VARIANTS))
+def models(request, tmp_path_factory):
     import torch
     import transformers
 
     torch.set_num_threads(1)
-    path = request.getfixturevalue(TINY_CHECKPOINTS[request.param])
+    if request.param in VARIANTS:
+        base, overrides = VARIANTS[request.param]
+        path = make_tiny_checkpoint(base, str(tmp_path_factory.mktemp(request.param)), **overrides)
+    else:
+        path = request.getfixturevalue(TINY_CHECKPOINTS[request.param])
     model = load_model(ModelConfig(model=path), load_hf_config(path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                            attn_implementation="eager").eval()
@@ -60,6 +71,8 @@ def models(request):
 
 def test_prefill_then_decode_matches_hf(models):
     kind, model, hf, step = models
+    if kind == "qwen2_swa":
+        assert model.args.sliding_windows == (None, 4)
     num_layers, num_kv_heads, head_dim = model.kv_cache_spec
     rng = np.random.default_rng(0)
     # Garbage (finite) in every page: results must not depend on memory a sequence does not own.

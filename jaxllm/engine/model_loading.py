@@ -89,6 +89,7 @@ def load_everything(config: EngineConfig, *, progress: bool = True, mesh=None) -
     from transformers import AutoConfig
 
     from jaxllm.models.loader import load_model
+    from jaxllm.parallel.mesh import kv_cache_sharding, make_mesh
     from jaxllm.runner.model_runner import ModelRunner
 
     mc = config.model_config
@@ -98,9 +99,16 @@ def load_everything(config: EngineConfig, *, progress: bool = True, mesh=None) -
     mc = config.model_config
     tokenizer = load_tokenizer(mc.tokenizer or path)
     dtype = resolve_dtype(mc.dtype, hf_config)
+    pc = config.parallel_config
+    kv_sharding = None
+    if mesh is None and pc.tensor_parallel_size * pc.data_parallel_size > 1:
+        mesh = make_mesh(pc.tensor_parallel_size, pc.data_parallel_size)
+    if mesh is not None:
+        kv_sharding = kv_cache_sharding(mesh)
+        logger.info("Mesh %s over %d %s devices", dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform)
     model = load_model(mc.__class__(**{**mc.__dict__, "model": path}), hf_config, dtype,
                        attention_backend=config.attention_backend, mesh=mesh)
-    runner = ModelRunner(config, model, mesh=mesh)
+    runner = ModelRunner(config, model, mesh=mesh, kv_sharding=kv_sharding)
     info = {
         "model": mc.model,
         "architecture": (getattr(hf_config, "architectures", None) or ["?"])[0],

@@ -6,15 +6,28 @@ write k/v into their cache slots → ragged paged attention → o_proj.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from jaxllm.layers.attention_metadata import AttentionMetadata
 from jaxllm.layers.linear import COLUMN_PARALLEL, ROW_PARALLEL, Linear
 from jaxllm.layers.norm import RMSNorm
 from jaxllm.layers.rope import RotaryEmbedding
+from jaxllm.parallel.mesh import MODEL_AXIS, model_axis_size
+
+
+def _write_and_attend(kv_cache, q, k, v, md: AttentionMetadata, *, sm_scale, sliding_window, backend):
+    # Per shard: q [T, H/tp, D], k/v [T, Hkv/tp, D], kv_cache [pages, page_size, 2*Hkv/tp, D].
+    kv_cache = pallas_kernels.update_kv_cache(kv_cache, k, v, md.slot_mapping)
+    o = pallas_kernels.ragged_paged_attention(
+        q, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window, backend=backend)
+    return kv_cache, o
 
 
 class Attention(nnx.Module):
@@ -66,9 +79,12 @@ class Attention(nnx.Module):
         cos, sin = self.rope.cos_sin(md.input_positions, q.dtype)        # [T, D]
         q = RotaryEmbedding.apply(q, cos, sin)
         k = RotaryEmbedding.apply(k, cos, sin)
-        kv_cache = pallas_kernels.update_kv_cache(kv_cache, k, v, md.slot_mapping)
-        o = pallas_kernels.ragged_paged_attention(
-            q, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
-            sm_scale=self.head_dim ** -0.5, sliding_window=self.sliding_window,
-            backend=self.attention_backend)                                # [T, H, D]
+        fn = functools.partial(_write_and_attend, sm_scale=self.head_dim ** -0.5,
+                               sliding_window=self.sliding_window, backend=self.attention_backend)
+        if model_axis_size() > 1:
+            # Tensor parallel: each device writes and attends over its own kv heads' pages.
+            heads, pages = P(None, MODEL_AXIS, None), P(None, None, MODEL_AXIS, None)
+            fn = jax.shard_map(fn, in_specs=(pages, heads, heads, heads, P()), out_specs=(pages, heads),
+                               check_vma=False)
+        kv_cache, o = fn(kv_cache, q, k, v, md)                            # o: [T, H, D]
         return kv_cache, self.o_proj(o.reshape(T, self.num_heads * self.head_dim))

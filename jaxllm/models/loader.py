@@ -12,6 +12,8 @@ is ``model.layers[3].mlp.up_proj.kernel`` [in, out] (transposed); ``embed_tokens
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import glob
 import json
@@ -84,8 +86,10 @@ def safetensors_files(path: str) -> list[str]:
             raise FileNotFoundError(f"model: {index} lists missing files {missing}")
         return files
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    # Mistral repos ship their native-format consolidated.safetensors beside the HF files.
+    hf_files = [f for f in files if not os.path.basename(f).startswith("consolidated")]
     if files:
-        return files
+        return hf_files or files
     pickles = [p for pat in _PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pat))]
     if pickles:
         raise ValueError(
@@ -114,10 +118,28 @@ def _iter_tensors(files: list[str]) -> Iterator[tuple[str, Any, Callable[[], jax
                 yield name, f.get_slice(name), (lambda f=f, name=name: f.get_tensor(name))
 
 
-def load_safetensors(model: nnx.Module, path: str, *, tied: bool, mesh: Mesh | None = None) -> None:
-    """Fill every parameter of ``model`` from the checkpoint in ``path``, checking names and shapes."""
+_KV_PROJ = ("self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight",
+            "self_attn.v_proj.bias")
+
+
+def _replicate_kv_heads(x: jax.Array, replicas: int, head_dim: int) -> jax.Array:
+    """[Hkv * D, ...] → [Hkv * replicas * D, ...]: each kv head repeated ``replicas`` times in place.
+
+    With tensor parallelism over more devices than kv heads, every device then holds the kv head
+    of its own query heads (device d's query heads belong to checkpoint kv head d // replicas)."""
+    heads = x.reshape(x.shape[0] // head_dim, head_dim, *x.shape[1:])
+    return jnp.repeat(heads, replicas, axis=0).reshape(-1, *x.shape[1:])
+
+
+def load_safetensors(model: nnx.Module, path: str, *, tied: bool, mesh: Mesh | None = None,
+                     kv_replicas: int = 1) -> None:
+    """Fill every parameter of ``model`` from the checkpoint in ``path``, checking names and shapes.
+
+    ``kv_replicas > 1``: the model has that many copies of each checkpoint kv head (see
+    ``load_model``); k/v projections are repeated head by head while loading."""
     files = safetensors_files(path)
     targets = hf_param_map(model)
+    head_dim = model.config.head_dim
     loaded: set[str] = set()
     unexpected: list[str] = []
     with tqdm(desc="Loading safetensors", unit="tensor", total=len(targets)) as bar:
@@ -128,11 +150,16 @@ def load_safetensors(model: nnx.Module, path: str, *, tied: bool, mesh: Mesh | N
                     unexpected.append(name)
                 continue
             shape = tuple(meta.get_shape())
-            if shape != target.hf_shape:
+            replicate = kv_replicas > 1 and name.endswith(_KV_PROJ)
+            want = target.hf_shape if not replicate else (target.hf_shape[0] // kv_replicas,
+                                                          *target.hf_shape[1:])
+            if shape != want:
                 raise ValueError(f"checkpoint tensor {name}: shape {shape} does not match the "
-                                 f"model's {target.hf_shape}")
+                                 f"model's {want}")
             dtype = target.var.get_value().dtype
             x = read().astype(dtype)
+            if replicate:
+                x = _replicate_kv_heads(x, kv_replicas, head_dim)
             if target.transpose:
                 x = x.T
             target.var.set_value(_place(x, target.var, mesh))
@@ -169,6 +196,25 @@ def load_dummy(model: nnx.Module, *, seed: int = 0, mesh: Mesh | None = None) ->
         target.var.set_value(fn(jax.random.fold_in(key, i), scale, offset))
 
 
+def shard_model_args(args, mesh: Mesh | None):
+    """Check that the model splits over the mesh's "model" axis; replicate kv heads if tp > Hkv.
+
+    Returns the (possibly widened) args and the kv-head replication factor."""
+    tp = dict(mesh.shape).get("model", 1) if mesh is not None else 1
+    if tp == 1:
+        return args, 1
+    for name in ("num_attention_heads", "intermediate_size", "vocab_size"):
+        if getattr(args, name) % tp:
+            raise ValueError(f"tensor_parallel_size: {tp} must divide {name} ({getattr(args, name)})")
+    hkv = args.num_key_value_heads
+    if hkv % tp == 0:
+        return args, 1
+    if tp % hkv:
+        raise ValueError(f"tensor_parallel_size: {tp} must divide or be a multiple of num_key_value_heads "
+                         f"({hkv})")
+    return dataclasses.replace(args, num_key_value_heads=tp), tp // hkv
+
+
 def load_model(model_config: ModelConfig, hf_config: Any, dtype: Any = None, *,
                attention_backend: str = "auto", mesh: Mesh | None = None) -> nnx.Module:
     """Build the model for ``hf_config`` and load its weights as ``model_config.load_format`` says.
@@ -191,9 +237,11 @@ def load_model(model_config: ModelConfig, hf_config: Any, dtype: Any = None, *,
         raise NotImplementedError("load_format: 'orbax' is not implemented yet; use 'auto' or 'dummy'")
     if fmt == "auto":
         safetensors_files(model_config.model)  # fail on missing/pickle weights before building
+    args, kv_replicas = shard_model_args(args, mesh)
     model = nnx.eval_shape(lambda: cls(args, dtype=dtype, attention_backend=attention_backend))
     if fmt == "dummy":
         load_dummy(model, seed=model_config.seed, mesh=mesh)
     else:
-        load_safetensors(model, model_config.model, tied=args.tie_word_embeddings, mesh=mesh)
+        load_safetensors(model, model_config.model, tied=args.tie_word_embeddings, mesh=mesh,
+                         kv_replicas=kv_replicas)
     return model

@@ -11,6 +11,7 @@ cache is donated, so XLA updates it in place. Every (tokens, seqs) bucket is com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -113,7 +114,7 @@ class ModelRunner:
         per_block = kvc.bytes_per_block(num_layers, num_kv_heads, head_dim, self.block_size, self.kv_dtype)
         divisor = 1
         if kv_sharding is not None and mesh is not None:
-            divisor = min(mesh.shape.get("model", 1), 2 * num_kv_heads)
+            divisor = dict(mesh.shape).get("model", 1)
         self.num_blocks = kvc.num_blocks_for(
             num_kv_blocks=cc.num_kv_blocks, per_block=per_block, device=jax.devices()[0],
             utilization=cc.gpu_memory_utilization, reserve_bytes=self._activation_reserve(model),
@@ -151,7 +152,8 @@ class ModelRunner:
             hb = pack_batch(SchedulerOutput(), bucket, self.block_size, self.pages_per_seq, self.max_model_len)
             out, hidden = self._run(hb)
             jax.block_until_ready(out.token_ids)
-            self._prompt_lp(self.state, hidden, jnp.zeros(bucket.num_tokens, jnp.int32))
+            with self._mesh_ctx():
+                self._prompt_lp(self.state, hidden, np.zeros(bucket.num_tokens, np.int32))
         if self.num_decode_steps > 1:
             for s in tqdm(self.decode_buckets, desc="Compiling decode", disable=not progress, leave=False):
                 hb = pack_batch(SchedulerOutput(), Bucket(s, s), self.block_size, self.pages_per_seq,
@@ -183,16 +185,22 @@ class ModelRunner:
             input_positions=hb.positions, slot_mapping=hb.slot_mapping, kv_lens=hb.kv_lens,
             page_indices=hb.page_indices, cu_q_lens=hb.cu_q_lens,
             num_seqs=np.array([hb.num_seqs], np.int32))
-        self.kv_caches, out, hidden = self._step(self.state, self.kv_caches, hb.input_ids, attn_md,
-                                                 hb.logits_indices, self._sampling_md(hb))
+        with self._mesh_ctx():
+            self.kv_caches, out, hidden = self._step(self.state, self.kv_caches, hb.input_ids, attn_md,
+                                                     hb.logits_indices, self._sampling_md(hb))
         return out, hidden
 
     def _run_multi(self, hb: HostBatch, max_steps: np.ndarray):
         S = hb.bucket.num_seqs
-        self.kv_caches, *outs = self._multi_decode(
-            self.state, self.kv_caches, hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
-            np.array([hb.num_seqs], np.int32), self._sampling_md(hb))
+        with self._mesh_ctx():
+            self.kv_caches, *outs = self._multi_decode(
+                self.state, self.kv_caches, hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
+                np.array([hb.num_seqs], np.int32), self._sampling_md(hb))
         return outs
+
+    def _mesh_ctx(self):
+        """Run jitted code under the engine's mesh: attention layers read it to shard_map the kernel."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _execute_multi(self, so: SchedulerOutput) -> ModelRunnerOutput:
         """Several decode steps in one dispatch (every scheduled request is a decode)."""
@@ -266,7 +274,8 @@ class ModelRunner:
             if end > start:
                 off = hb.cu_q_lens[i]
                 targets[off:off + end - start] = req.prompt_token_ids[start + 1:end + 1]
-        tgt, top_ids, top_lp = jax.device_get(self._prompt_lp(self.state, hidden, targets))
+        with self._mesh_ctx():
+            tgt, top_ids, top_lp = jax.device_get(self._prompt_lp(self.state, hidden, targets))
         for i, sr in rows:
             req, start = sr.request, sr.num_computed_tokens
             k = req.sampling_params.prompt_logprobs

@@ -42,6 +42,22 @@ def run_direct(engine, prompt, params: SamplingParams):
     return final
 
 
+class FaultInjector:
+    """The real engine, except that ``step`` raises once ``fail`` is set (the last test sets it)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.fail = False
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def step(self):
+        if self.fail:
+            raise RuntimeError("injected failure in the real engine's step")
+        return self._engine.step()
+
+
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir):
     from jaxllm.config import EngineConfig
@@ -50,9 +66,10 @@ def served(tiny_llama_dir):
     engine = LLMEngine(EngineConfig.create(model=tiny_llama_dir, **ENGINE_KW), progress=False)
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     expected = {p: run_direct(engine, p, greedy).outputs[0].token_ids for p in PROMPTS}
-    st = ServerThread(engine, ServeOptions(grpc_port=0, http_port=0)).start()
-    yield st, engine, expected
-    assert st.stop() == 0
+    proxy = FaultInjector(engine)
+    st = ServerThread(proxy, ServeOptions(grpc_port=0, http_port=0)).start()
+    yield st, proxy, expected
+    assert st.stop() == (1 if proxy.fail else 0)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +188,18 @@ def test_200_concurrent_streaming_clients(served, client):
     assert len(results) == 200 and all(results.values()), sum(not v for v in results.values())
     assert elapsed < 120
     wait_all_blocks_free(client)
+
+
+def test_zz_engine_step_failure_ends_streams_and_exits_1(served, client):
+    """Runs last in the module: it takes the module's server down."""
+    st, proxy, _ = served
+    it = client.generate_stream(PROMPTS[0], max_tokens=240, ignore_eos=True)
+    next(it)
+    proxy.fail = True
+    with pytest.raises(grpc.RpcError) as ei:
+        list(it)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "injected failure" in ei.value.details()
+    assert st.wait(30) == 1
 
 
 @pytest.mark.slow

@@ -43,6 +43,8 @@ class ServeOptions:
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name}: must be in [0, 65535], got {port}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests: must be >= 1, got {self.max_queued_requests}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout: must be >= 0, got {self.shutdown_timeout}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):

@@ -51,3 +51,24 @@ def test_registries_are_independent():
     a.on_tokens(5, None)
     assert samples(a)["jaxllm:generation_tokens_total"] == 5
     assert samples(b)["jaxllm:generation_tokens_total"] == 0
+
+
+def test_serve_options_and_flags_are_validated():
+    import argparse
+
+    import pytest
+
+    from jaxllm.entrypoints.serve import ServeOptions, _non_default_settings, add_serve_flags, options_from_args
+
+    for kw, field in [({"grpc_port": 70000}, "grpc_port"), ({"shutdown_timeout": -1}, "shutdown_timeout"),
+                      ({"max_queued_requests": 0}, "max_queued_requests"), ({"ssl_certfile": "c"}, "ssl_certfile"),
+                      ({"grpc_port": None, "http_port": None}, "grpc_port")]:
+        with pytest.raises(ValueError, match=field):
+            ServeOptions(**kw)
+    p = argparse.ArgumentParser()
+    add_serve_flags(p)
+    args = p.parse_args(["--http-port", "-1", "--api-key", "k3y", "--max-queued-requests", "5"])
+    opts = options_from_args(args)
+    assert opts.http_port is None and opts.grpc_port == 50051 and opts.max_queued_requests == 5
+    shown = _non_default_settings(args, p)
+    assert shown == {"http_port": -1, "api_key": "***", "max_queued_requests": 5}

@@ -122,9 +122,12 @@ def our_backends(names):
             if n == "triton":
                 from pallas_kernels.ragged_paged_attention.gpu_triton import (
                     ragged_paged_attention_triton as f)
-            elif n == "mosaic_gpu":
+            elif n.startswith("mosaic_gpu"):   # mosaic_gpu[_lane|_wg]: lowering semantics
                 from pallas_kernels.ragged_paged_attention.gpu_mosaic import (
                     ragged_paged_attention_mosaic_gpu as f)
+                sem = {"mosaic_gpu": None, "mosaic_gpu_lane": "Lane",
+                       "mosaic_gpu_wg": "Warpgroup"}[n]
+                f = functools.partial(f, lowering=sem)
             fns[n] = f
         except Exception as e:
             print(f"backend {n} unavailable: {e!r}", flush=True)

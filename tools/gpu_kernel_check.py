@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -112,9 +113,12 @@ def load_backends(names: list[str]) -> dict:
             if name == "triton":
                 from pallas_kernels.ragged_paged_attention.gpu_triton import (
                     ragged_paged_attention_triton as fn)
-            elif name == "mosaic_gpu":
+            elif name.startswith("mosaic_gpu"):   # mosaic_gpu[_lane|_wg]: lowering semantics
                 from pallas_kernels.ragged_paged_attention.gpu_mosaic import (
                     ragged_paged_attention_mosaic_gpu as fn)
+                sem = {"mosaic_gpu": None, "mosaic_gpu_lane": "Lane",
+                       "mosaic_gpu_wg": "Warpgroup"}[name]
+                fn = functools.partial(fn, lowering=sem)
             else:
                 raise ValueError(f"--backends: unknown backend {name!r}")
             fns[name] = fn

@@ -65,7 +65,6 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_s
     sp = lax.axis_index("s")
     ppt = block_n // page_size                               # pages per KV tile
     seq = meta_ref[b, _SEQ]
-    row0 = meta_ref[b, _ROW0]
     qpos0 = meta_ref[b, _QPOS0]
     r0 = meta_ref[b, _R0]
     kv_len = meta_ref[b, _KVLEN]
@@ -88,7 +87,8 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_s
             plgpu.copy_gmem_to_smem(kv_ref.at[page, :, 2 * h + 1], v_smem.at[slot, dst],
                                     v_bar.at[slot])
 
-    plgpu.copy_gmem_to_smem(q_ref.at[h, pl.ds(row0, BLOCK_M)], q_smem, q_bar)
+    # q arrives pre-blocked, [Hkv, NB, BLOCK_M, D]: every TMA index is tile-aligned.
+    plgpu.copy_gmem_to_smem(q_ref.at[h, b], q_smem, q_bar)
     for st in range(stages):
         @pl.when(tbeg + st < tend)
         def _():
@@ -159,7 +159,8 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_s
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale",
-                                             "v_scale", "interpret", "num_splits", "stages"))
+                                             "v_scale", "interpret", "num_splits", "stages",
+                                             "lowering"))
 def ragged_paged_attention_mosaic_gpu(
     q: jax.Array,             # [T, num_q_heads, head_dim]
     kv_pages: jax.Array,      # [num_pages, page_size, 2 * num_kv_heads, head_dim]
@@ -176,11 +177,13 @@ def ragged_paged_attention_mosaic_gpu(
     interpret: bool = False,
     num_splits: int | None = None,
     stages: int = 3,
+    lowering: str | None = None,
 ) -> jax.Array:               # [T, num_q_heads, head_dim]
     """Ragged paged attention (contract of ``pallas_kernels.ragged_paged_attention``) on Hopper.
 
     Needs bf16/f16 q and kv_pages, head_dim a multiple of 64, page_size a multiple of 8 (<= 256).
-    ``num_splits`` (None: picked from the static shapes) and ``stages`` are tuning knobs.
+    ``num_splits`` (None: picked from the static shapes) and ``stages`` are tuning knobs;
+    ``lowering`` ("Lane" / "Warpgroup" / None: JAX's default) picks Mosaic GPU's semantics.
     """
     gpu_common.check_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                             sliding_window, soft_cap)
@@ -206,9 +209,11 @@ def ragged_paged_attention_mosaic_gpu(
     ns = num_splits or _pick_splits(nb * hkv, p * ps, block_n)
     meta = _block_meta(kv_lens.astype(jnp.int32), cu_q_lens.astype(jnp.int32), num_seqs,
                        group=group, nb=nb, block_n=block_n, page_size=ps, window=sliding_window)
-    # q rows: [Hkv, T*G + BLOCK_M, D], row = token*G + g; the tail pad keeps every TMA in bounds.
+    # q rows: [Hkv, T*G, D], row = token*G + g; then gathered per block: [Hkv, NB, BLOCK_M, D]
+    # (rows past the end read row 0 and are never written back).
     q_rows = q.reshape(t, hkv, group, d).transpose(1, 0, 2, 3).reshape(hkv, n_rows, d)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, BLOCK_M), (0, 0)))
+    ridx = meta[:, _ROW0][:, None] + jnp.arange(BLOCK_M, dtype=jnp.int32)[None, :]
+    q_blk = q_rows[:, jnp.where(ridx < n_rows, ridx, 0)]
     scale_log2 = float(sm_scale * (k_scale if k_scale is not None else 1.0) * _LOG2E)
 
     swizzle = 128
@@ -239,13 +244,16 @@ def ragged_paged_attention_mosaic_gpu(
     out_type = (jax.ShapeDtypeStruct((ns, hkv, nb, BLOCK_M, d), q.dtype),
                 jax.ShapeDtypeStruct((ns, hkv, nb, BLOCK_M), jnp.float32))
     kw = {}
+    sem = {}
+    if lowering is not None:
+        sem["lowering_semantics"] = getattr(plgpu.LoweringSemantics, lowering)
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kw["interpret"] = InterpretGPUParams()
     o_blk, lse = plgpu.kernel(
         entry, out_type=out_type, grid=(nb, hkv, ns), grid_names=("b", "h", "s"),
-        compiler_params=plgpu.CompilerParams(approx_math=True), **kw,
-    )(q_rows, kv, page_indices.astype(jnp.int32), meta)
+        compiler_params=plgpu.CompilerParams(approx_math=True, **sem), **kw,
+    )(q_blk, kv, page_indices.astype(jnp.int32), meta)
 
     # Back to [T, Hq, D]: row r of kv head h lives in block blk_of_row[r] at offset r - row0.
     rows = jnp.arange(n_rows, dtype=jnp.int32)

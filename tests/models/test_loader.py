@@ -182,3 +182,15 @@ def test_unexpected_tensor_rejected_but_inv_freq_ignored(ckpt_copy):
 def test_orbax_not_implemented(tiny_llama_dir):
     with pytest.raises(NotImplementedError, match="orbax"):
         _load(tiny_llama_dir, load_format="orbax")
+
+
+def test_mistral_consolidated_file_is_skipped(ckpt_copy):
+    """Mistral repos carry consolidated.safetensors (native names) beside the HF weights."""
+    path = ckpt_copy()
+    from safetensors.numpy import save_file
+    save_file({"layers.0.attention.wq.weight": np.ones((4, 4), np.float32)},
+              os.path.join(path, "consolidated.safetensors"))
+    _load(path)
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensors.*model\.embed_tokens\.weight"):
+        _load(path)  # only the native file left: used, and its names match nothing

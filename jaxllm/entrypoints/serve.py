@@ -269,7 +269,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         def ready(ports):
             # One machine-readable line for supervisors and tests.
-            print(f"jaxllm serve ready: " + " ".join(f"{k}={v}" for k, v in ports.items()), flush=True)
+            print("jaxllm serve ready: " + " ".join(f"{k}={v}" for k, v in ports.items()), flush=True)
 
         return await serve_engine(engine, opts, stop, ready)
 

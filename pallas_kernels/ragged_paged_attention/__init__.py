@@ -126,7 +126,8 @@ def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
             raise ValueError(f"{name}: must be None or a finite float > 0, got {scale!r}")
 
 
-def _kernel(backend: str):
+def load_kernel(backend: str):
+    """Imports the kernel function of ``backend`` (not "reference"); ValueError if unavailable."""
     module, fn = _KERNELS[backend]
     try:
         return getattr(importlib.import_module(module), fn)
@@ -196,9 +197,10 @@ def ragged_paged_attention(
     if backend == "reference":
         return ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                           **kwargs)
-    return _kernel(backend)(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+    return load_kernel(backend)(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                             interpret=interpret, **kwargs)
 
 
-__all__ = ["BACKENDS", "INTERPRETABLE", "backends_for_platform", "ragged_paged_attention",
-           "ref_ragged_paged_attention", "resolve_backend", "validate_inputs"]
+__all__ = ["BACKENDS", "INTERPRETABLE", "backends_for_platform", "load_kernel",
+           "ragged_paged_attention", "ref_ragged_paged_attention", "resolve_backend",
+           "validate_inputs"]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.hf_config import resolve_dtype
+from jaxllm.models.orbax_io import load_orbax, read_marker
 from jaxllm.models.registry import get_model_class
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -234,13 +235,15 @@ def load_model(model_config: ModelConfig, hf_config: Any, dtype: Any = None, *,
     dtype = resolve_dtype(model_config.dtype if dtype is None else dtype, hf_config)
     fmt = model_config.load_format
     if fmt == "orbax":
-        raise NotImplementedError("load_format: 'orbax' is not implemented yet; use 'auto' or 'dummy'")
+        read_marker(model_config.model)  # fail on a missing/old marker before building
     if fmt == "auto":
         safetensors_files(model_config.model)  # fail on missing/pickle weights before building
     args, kv_replicas = shard_model_args(args, mesh)
     model = nnx.eval_shape(lambda: cls(args, dtype=dtype, attention_backend=attention_backend))
     if fmt == "dummy":
         load_dummy(model, seed=model_config.seed, mesh=mesh)
+    elif fmt == "orbax":
+        load_orbax(model, model_config.model, mesh=mesh, kv_replicas=kv_replicas)
     else:
         load_safetensors(model, model_config.model, tied=args.tie_word_embeddings, mesh=mesh,
                          kv_replicas=kv_replicas)

@@ -179,8 +179,8 @@ def test_unexpected_tensor_rejected_but_inv_freq_ignored(ckpt_copy):
         _load(path)
 
 
-def test_orbax_not_implemented(tiny_llama_dir):
-    with pytest.raises(NotImplementedError, match="orbax"):
+def test_orbax_format_on_a_safetensors_dir_says_so(tiny_llama_dir):
+    with pytest.raises(FileNotFoundError, match="orbax"):
         _load(tiny_llama_dir, load_format="orbax")
 
 

@@ -112,9 +112,22 @@ def probe(*, copy_bytes: int | None = None, matmul_n: int | None = None, reps: i
                    matmul_flops_per_s=rate, matmul_reps=mm_reps)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m jaxllm.bench.hw [--output-json PATH] [--copy-bytes N] [--matmul-n N]``"""
+    import argparse
     import json
-    print(json.dumps(probe().to_dict(), indent=2))
+
+    p = argparse.ArgumentParser(description="Measure device-copy bandwidth and bf16 matmul rate.")
+    p.add_argument("--copy-bytes", type=int, default=None)
+    p.add_argument("--matmul-n", type=int, default=None)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args(argv)
+    d = probe(copy_bytes=args.copy_bytes, matmul_n=args.matmul_n, reps=args.reps).to_dict()
+    print(json.dumps(d, indent=2))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(d, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -167,12 +167,16 @@ def load_safetensors(model: nnx.Module, path: str, *, tied: bool, mesh: Mesh | N
             loaded.add(name)
             bar.update(1)
     missing = sorted(set(targets) - loaded)
-    if missing:
-        raise ValueError(f"checkpoint {path!r} is missing tensors: {missing[:10]}"
-                         + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+    # Both lists in one message: side by side they show a naming mismatch at a glance.
+    problems = [f"is missing tensors: {_first(missing)}"] if missing else []
     if unexpected:
-        raise ValueError(f"checkpoint {path!r} has tensors the model does not use: {unexpected[:10]}"
-                         + (f" (and {len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+        problems.append(f"has tensors the model does not use: {_first(unexpected)}")
+    if problems:
+        raise ValueError(f"checkpoint {path!r} " + "; and ".join(problems))
+
+
+def _first(names: list[str], n: int = 10) -> str:
+    return f"{names[:n]}" + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
 @functools.lru_cache(maxsize=None)

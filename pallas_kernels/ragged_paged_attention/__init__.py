@@ -13,13 +13,15 @@ triton          gpu (via jax_triton)                         no
 ==============  ===========================================  ==================================
 
 ``backend="auto"`` picks from ``jax.devices()[0].platform``: tpu → mosaic_tpu, gpu with
-compute capability >= 9.0 → mosaic_gpu, other gpu → triton, anything else → reference.
+compute capability >= 9.0 → mosaic_gpu, other gpu → triton, anything else → reference
+(skipping a kernel whose module or dependencies, e.g. jax_triton, are not installed).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import math
 import numbers
 
@@ -36,6 +38,8 @@ _KERNELS = {
                    "ragged_paged_attention_mosaic_gpu"),
     "triton": ("pallas_kernels.ragged_paged_attention.gpu_triton", "ragged_paged_attention_triton"),
 }
+# Extra modules a backend needs at run time (checked before use, so "auto" can fall back).
+_REQUIRES = {"triton": ("triton", "jax_triton")}
 # Backends whose kernel can run in an interpreter on any platform when interpret=True.
 INTERPRETABLE = ("mosaic_tpu",)
 Q_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -43,7 +47,7 @@ KV_DTYPES = Q_DTYPES + (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.int8)
 _INT32_ARGS = ("kv_lens", "page_indices", "cu_q_lens", "num_seqs")
 
 
-def _platform() -> tuple[str, float]:
+def platform_info() -> tuple[str, float]:
     """(platform, compute capability or 0.0) of the default device."""
     dev = jax.devices()[0]
     cc = getattr(dev, "compute_capability", None) if dev.platform == "gpu" else None
@@ -63,10 +67,10 @@ def resolve_backend(backend: str, interpret: bool = False) -> str:
     """Maps ``backend`` ("auto" or a name) to the backend that will run, or raises ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
-    platform, cc = _platform()
+    platform, cc = platform_info()
     native = backends_for_platform(platform, cc)
     if backend == "auto":
-        return native[0]
+        return next(b for b in native if b == "reference" or kernel_available(b))
     if backend in native or (interpret and backend in INTERPRETABLE):
         return backend
     where = f"{platform} (compute capability {cc})" if platform == "gpu" else platform
@@ -126,9 +130,19 @@ def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
             raise ValueError(f"{name}: must be None or a finite float > 0, got {scale!r}")
 
 
+def kernel_available(backend: str) -> bool:
+    """Whether ``backend``'s module and its run-time dependencies are installed."""
+    mods = (_KERNELS[backend][0],) + _REQUIRES.get(backend, ())
+    return all(importlib.util.find_spec(m) is not None for m in mods)
+
+
 def load_kernel(backend: str):
     """Imports the kernel function of ``backend`` (not "reference"); ValueError if unavailable."""
     module, fn = _KERNELS[backend]
+    missing = [m for m in _REQUIRES.get(backend, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"backend: {backend!r} is unavailable here ({', '.join(missing)} not "
+                         "installed); use backend='reference' or install it")
     try:
         return getattr(importlib.import_module(module), fn)
     except ImportError as e:  # e.g. jax_triton / triton not installed
@@ -201,6 +215,7 @@ def ragged_paged_attention(
                             interpret=interpret, **kwargs)
 
 
-__all__ = ["BACKENDS", "INTERPRETABLE", "backends_for_platform", "load_kernel",
+__all__ = ["BACKENDS", "INTERPRETABLE", "backends_for_platform", "kernel_available", "load_kernel",
+           "platform_info",
            "ragged_paged_attention", "ref_ragged_paged_attention", "resolve_backend",
            "validate_inputs"]

@@ -2,9 +2,10 @@
 
 Why not JAX's shipped ``jax.experimental.pallas.ops.tpu.ragged_paged_attention``: with jax 0.10.2
 it does not run in TPU interpret mode (its ``ref.reshape`` → ``ReshapeTransform`` is unsupported by
-the interpreter), so CPU CI could not cover it; it reads pages outside the sliding window and
-multiplies masked scores additively (NaN in memory a sequence does not own leaks into the
-result); and it rejects head counts that are not "XLA fully tiled". This kernel follows the same
+the interpreter), so CPU CI could not cover it; with a sliding window it still reads every page
+before the window and masks scores by adding ``mask_value`` (NaN there – e.g. pages freed once
+outside the window – leaks into the result); and it rejects head counts that are not "XLA fully
+tiled" (e.g. one kv head with an int8/fp8 cache). This kernel follows the same
 plan (scalar-prefetched metadata, K/V pages DMA'd from HBM into a double-buffered VMEM scratch,
 online softmax) with these differences:
 
@@ -17,10 +18,13 @@ online softmax) with these differences:
   ``where`` (not ``+ mask_value``), so NaN/inf garbage in unowned memory cannot reach the output.
 * rows of padding tokens come out as zeros.
 
-Validated in TPU interpret mode on CPU (``interpret=True`` → ``pltpu.InterpretParams()``) against
-``reference.py`` and JAX's ``ref_ragged_paged_attention``; it has not been compiled on a real TPU
-in this repository's CI. On hardware Mosaic additionally wants head_dim a multiple of 128 and
-friendly block shapes; the block sizes here are conservative defaults, not tuned.
+Validated in TPU interpret mode on CPU (``interpret=True`` → ``pltpu.InterpretParams()``, which
+also fills uninitialized VMEM with NaN) against ``reference.py`` and JAX's
+``ref_ragged_paged_attention``, and its Pallas → Mosaic lowering is checked on CPU (faking a v5e);
+it has NOT been compiled or timed on a real TPU (Mosaic's own layout passes run only there: the
+per-head strided K/V loads ``kv_buf[slot, :, :, 2h, :]`` are the likeliest thing to need the
+bitcast tricks of JAX's kernel for packed dtypes). Block sizes are conservative defaults, not
+tuned.
 """
 
 from __future__ import annotations

@@ -201,7 +201,10 @@ def sample(logits: jax.Array, md: SamplingMetadata, num_logprobs: int = 20) -> S
                          logits)
 
     logprobs = ((jnp.take_along_axis(raw, token_ids[:, None], axis=-1) - raw_max) - raw_lse)[:, 0]
-    top_vals, top_ids = lax.top_k(raw, num_logprobs)                             # [S, K]
+    S = raw.shape[0]
+    top_vals, top_ids = lax.cond(                                                 # [S, K]
+        md.any_logprobs, lambda r: tuple(lax.top_k(r, num_logprobs)),
+        lambda r: (jnp.zeros((S, num_logprobs), r.dtype), jnp.zeros((S, num_logprobs), jnp.int32)), raw)
     top_logprobs = (top_vals - raw_max) - raw_lse
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs,
                          top_ids=top_ids.astype(jnp.int32), top_logprobs=top_logprobs)

@@ -42,6 +42,9 @@ class SamplingMetadata:
     banned_ids: jax.Array          # i32[S, NB] ids masked to -inf this step, -1 padded
     any_penalties: jax.Array       # bool[]     some row uses a penalty (else the penalty pass is skipped)
     any_top_k_top_p: jax.Array     # bool[]     some sampled row uses top-k/top-p (else no sort)
+    # bool[] some row asked for logprobs: else the top-K (a full sort on GPU) is skipped and
+    # top_ids / top_logprobs come back as zeros. Optional for callers: defaults to True.
+    any_logprobs: jax.Array = True
 
     @classmethod
     def from_host(cls, rows: Sequence["SamplingRow"], num_seqs: int, hist_len: int,
@@ -218,4 +221,4 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], num_seqs: int, hist_len
         presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
         seeds=seeds, steps=steps, hist_ids=hist_ids, prompt_lens=prompt_lens,
         banned_ids=banned_ids, any_penalties=np.asarray(uses_penalty.any()),
-        any_top_k_top_p=np.asarray(uses_top_k_top_p.any()))
+        any_top_k_top_p=np.asarray(uses_top_k_top_p.any()), any_logprobs=np.asarray(True))

@@ -48,6 +48,7 @@ class HostBatch:
     banned_ids: np.ndarray       # i32[S, MAX_BANNED]
     hist_ids: np.ndarray | None  # i32[S, H] only when a row uses penalties
     any_top_k_top_p: bool
+    any_logprobs: bool
 
 
 def pack_batch(so: SchedulerOutput, bucket: Bucket, block_size: int, pages_per_seq: int,
@@ -75,6 +76,7 @@ def pack_batch(so: SchedulerOutput, bucket: Bucket, block_size: int, pages_per_s
     banned = np.full((S, MAX_BANNED), -1, np.int32)
     hist_ids = None
     any_tkp = False
+    any_lp = False
 
     offset = 0
     for i, sr in enumerate(so.scheduled):
@@ -105,6 +107,7 @@ def pack_batch(so: SchedulerOutput, bucket: Bucket, block_size: int, pages_per_s
         steps[i] = req.num_output_tokens
         prompt_lens[i] = req.num_prompt_tokens
         any_tkp |= sp.top_k > 0 or sp.top_p < 1.0
+        any_lp |= sp.logprobs is not None
         if req.num_output_tokens < sp.min_tokens:
             ban = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(req.eos_token_ids)))
             banned[i, :len(ban)] = ban[:MAX_BANNED]
@@ -116,4 +119,4 @@ def pack_batch(so: SchedulerOutput, bucket: Bucket, block_size: int, pages_per_s
     cu_q_lens[n_seqs + 1:] = offset
     return HostBatch(bucket, offset, n_seqs, input_ids, positions, slot_mapping, kv_lens, page_indices,
                      cu_q_lens, logits_indices, temperature, top_k, top_p, min_p, presence, frequency,
-                     repetition, seeds, steps, prompt_lens, banned, hist_ids, any_tkp)
+                     repetition, seeds, steps, prompt_lens, banned, hist_ids, any_tkp, any_lp)

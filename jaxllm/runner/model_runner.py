@@ -178,7 +178,7 @@ class ModelRunner:
             repetition_penalty=hb.repetition_penalty, seeds=hb.seeds, steps=hb.steps,
             hist_ids=self._hist(hb), prompt_lens=hb.prompt_lens, banned_ids=hb.banned_ids,
             any_penalties=np.asarray(hb.hist_ids is not None),
-            any_top_k_top_p=np.asarray(hb.any_top_k_top_p))
+            any_top_k_top_p=np.asarray(hb.any_top_k_top_p), any_logprobs=np.asarray(hb.any_logprobs))
 
     def _run(self, hb: HostBatch):
         attn_md = AttentionMetadata(

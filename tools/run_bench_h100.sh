@@ -30,10 +30,19 @@ BUDGET_S=${BUDGET_S:-530}             # whole script; the device call allows 540
 MODEL_8B=${MODEL_8B:-llama-3.1-8b}
 MODEL_SMALL=${MODEL_SMALL:-qwen2.5-0.5b}
 LAT_IN=${LAT_IN:-1024}; LAT_OUT=${LAT_OUT:-128}; LAT_ITERS=${LAT_ITERS:-5}; LAT_WARMUP=${LAT_WARMUP:-2}
-TP_IN=${TP_IN:-1024}; TP_OUT=${TP_OUT:-128}; NUM_PROMPTS=${NUM_PROMPTS:-1000}
+TP_IN=${TP_IN:-1024}; TP_OUT=${TP_OUT:-128}
+# vllm bench throughput's default is 1000 prompts; on one H100 in 9 minutes, with both engines'
+# start-up (jaxllm compiles ~15 programs for the 8B; transformers' continuous batching ran
+# 64 x 1024/128 in 30 s on 2026-11-24), 200 is what fits. Cut further below if time is short.
+NUM_PROMPTS=${NUM_PROMPTS:-200}
 HF_COMPILE=${HF_COMPILE:-0}
-# Shared by latency and throughput so the second engine start hits the persistent compile cache.
-ENGINE_FLAGS=${ENGINE_FLAGS:---load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048}
+# Shared by the 8B latency and throughput runs so the second engine start hits the persistent
+# compilation cache (identical shapes: the KV size is fixed rather than derived from free memory,
+# and leaves XLA's GEMM autotuner room; 16384 blocks x 16 tokens hold 227 sequences of 1152).
+ENGINE_FLAGS=${ENGINE_FLAGS:---load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048 --num-kv-blocks 16384}
+SMALL_ENGINE_FLAGS=${SMALL_ENGINE_FLAGS:---load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 8 --max-num-batched-tokens 1024 --num-kv-blocks 1024}
+# Seconds per prompt (jaxllm + HF peer, 1024/128 on an H100) and fixed start-up costs, to size NUM_PROMPTS.
+SEC_PER_PROMPT_X100=${SEC_PER_PROMPT_X100:-75}; TP_FIXED_S=${TP_FIXED_S:-90}; TAIL_S=${TAIL_S:-140}
 
 exec > >(tee "$OUT/log") 2>&1
 START=$SECONDS
@@ -58,31 +67,31 @@ $PY -c 'import jax, jaxlib, transformers, torch; print("### jax", jax.__version_
 
 step hw 60 $PY -m jaxllm.bench.hw --output-json "$OUT/hw.json"
 
-RESERVE=$((BUDGET_S * 56 / 100)) step latency_8b 200 $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_8B" $ENGINE_FLAGS \
+RESERVE=$((BUDGET_S * 55 / 100)) step latency_8b 220 $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_8B" $ENGINE_FLAGS \
   --batch-size 1 --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters "$LAT_ITERS" \
   --num-iters-warmup "$LAT_WARMUP" --disable-tqdm --output-json "$OUT/latency_llama8b.json"
 
-# Throughput: fewer prompts when the budget is short (~0.12 s a prompt at 1024/128, plus a
-# cached engine start); the HF peer then runs the same number.
-TP_TIME=$(( $(left) - BUDGET_S * 43 / 100 ))
-if (( NUM_PROMPTS * 12 / 100 + 60 > TP_TIME )); then
-  NUM_PROMPTS=$(( (TP_TIME - 60) * 100 / 12 )); (( NUM_PROMPTS < 32 )) && NUM_PROMPTS=32
+# Throughput: fewer prompts when the budget is short; the HF peer then runs the same number.
+AVAIL=$(( $(left) - TAIL_S - TP_FIXED_S ))
+FIT=$(( AVAIL * 100 / SEC_PER_PROMPT_X100 ))
+if (( FIT < NUM_PROMPTS )); then
+  NUM_PROMPTS=$FIT; (( NUM_PROMPTS < 32 )) && NUM_PROMPTS=32
   echo "### budget: throughput cut to NUM_PROMPTS=$NUM_PROMPTS"
 fi
 echo "### throughput workload: $NUM_PROMPTS prompts x $TP_IN in / $TP_OUT out"
-RESERVE=$((BUDGET_S * 38 / 100)) step throughput_8b 300 $PY -m jaxllm.entrypoints.cli bench throughput --model "$MODEL_8B" $ENGINE_FLAGS \
+RESERVE=$((TAIL_S + TP_FIXED_S / 3 + NUM_PROMPTS * SEC_PER_PROMPT_X100 / 300)) step throughput_8b 300 $PY -m jaxllm.entrypoints.cli bench throughput --model "$MODEL_8B" $ENGINE_FLAGS \
   --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" --disable-tqdm \
   --output-json "$OUT/throughput_llama8b.json"
 
-RESERVE=$((BUDGET_S * 19 / 100)) step hf_throughput_8b 240 $PY tools/bench_hf_peer.py throughput --model "$MODEL_8B" \
+RESERVE=$((TAIL_S - 15)) step hf_throughput_8b 240 $PY tools/bench_hf_peer.py throughput --model "$MODEL_8B" \
   --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" --output-json "$OUT/hf_throughput_llama8b.json"
 
 HF_FLAGS=""; [[ "$HF_COMPILE" == 1 ]] || HF_FLAGS="--no-compile"
-RESERVE=$((BUDGET_S * 11 / 100)) step hf_latency_8b 120 $PY tools/bench_hf_peer.py latency --model "$MODEL_8B" --batch-size 1 \
+RESERVE=$((TAIL_S - 50)) step hf_latency_8b 60 $PY tools/bench_hf_peer.py latency --model "$MODEL_8B" --batch-size 1 \
   --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters 3 --num-iters-warmup 1 $HF_FLAGS \
   --output-json "$OUT/hf_latency_llama8b.json"
 
-step latency_small 150 $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_SMALL" $ENGINE_FLAGS \
+step latency_small 150 $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_SMALL" $SMALL_ENGINE_FLAGS \
   --batch-size 1 --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters "$LAT_ITERS" \
   --num-iters-warmup "$LAT_WARMUP" --disable-tqdm --output-json "$OUT/latency_qwen05b.json"
 

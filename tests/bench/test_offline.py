@@ -15,6 +15,11 @@ ENGINE_KW = dict(max_num_seqs=4, max_model_len=128, num_kv_blocks=48, max_num_ba
 
 
 @pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_results")
+
+
+@pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
     from jaxllm import LLM
     return LLM(tiny_llama_dir, progress=False, **ENGINE_KW)
@@ -47,10 +52,10 @@ def test_model_cost_matches_checkpoint(llm, tiny_llama_dir):
         (cfg.hidden_size // cfg.num_attention_heads) * 4
 
 
-def test_latency_json(llm, tmp_path):
+def test_latency_json(llm, results_dir):
     from jaxllm.bench.latency import run_latency
 
-    out = tmp_path / "lat.json"
+    out = results_dir / "lat.json"
     res = run_latency(_args(batch_size=2, input_len=12, output_len=6, num_iters=2, num_iters_warmup=1,
                             output_json=str(out)), llm=llm)
     data = json.loads(out.read_text())
@@ -69,10 +74,10 @@ def test_latency_json(llm, tmp_path):
     assert res["tpot_median_ms"] == data["tpot_median_ms"]
 
 
-def test_throughput_json(llm, tmp_path):
+def test_throughput_json(llm, results_dir, tmp_path):
     from jaxllm.bench.throughput import run_throughput
 
-    out = tmp_path / "tp.json"
+    out = results_dir / "tp.json"
     n, n_in, n_out = 6, 20, 5
     trace = tmp_path / "trace"
     run_throughput(_args(num_prompts=n, input_len=n_in, output_len=n_out, output_json=str(out),
@@ -100,3 +105,22 @@ def test_latency_rejects_bad_sizes(llm):
         run_latency(_args(batch_size=0, input_len=4, output_len=4, num_iters=1, num_iters_warmup=0), llm=llm)
     with pytest.raises(ValueError, match="max_model_len"):
         run_latency(_args(batch_size=1, input_len=100, output_len=100, num_iters=1, num_iters_warmup=0), llm=llm)
+
+
+def test_markdown_report(llm, results_dir):
+    from jaxllm.bench import report
+    from jaxllm.bench.latency import run_latency
+    from jaxllm.bench.throughput import run_throughput
+
+    if not (results_dir / "lat.json").exists():   # run alone (-k): make the inputs
+        run_latency(_args(batch_size=1, input_len=8, output_len=3, num_iters=1, num_iters_warmup=0,
+                          output_json=str(results_dir / "lat.json")), llm=llm)
+    if not (results_dir / "tp.json").exists():
+        run_throughput(_args(num_prompts=2, input_len=8, output_len=3, output_json=str(results_dir / "tp.json")),
+                       llm=llm)
+    lat = json.loads((results_dir / "lat.json").read_text())
+    tp = json.loads((results_dir / "tp.json").read_text())
+    md = report.render(str(results_dir))
+    assert "## Latency" in md and "## Throughput" in md and "| lat.json |" in md and "| tp.json |" in md
+    assert f"{lat['tpot_median_ms']:.2f}" in md
+    assert f"{tp['output_tokens_per_second']:.1f}" in md

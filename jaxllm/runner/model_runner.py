@@ -16,7 +16,9 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +129,7 @@ class ModelRunner:
                     "max_model_len=%d: %.2fx", self.num_blocks, self.block_size, tokens,
                     self.num_blocks * per_block / 2**30, self.max_model_len, tokens / self.max_model_len)
         self._empty_hist: dict[int, jax.Array] = {}
+        self._programs: dict[tuple, jax.stages.Compiled] = {}
 
     # ---------------------------------------------------------------- sizing
     def _activation_reserve(self, model) -> int:
@@ -143,24 +146,50 @@ class ModelRunner:
     # ---------------------------------------------------------------- compile
     @property
     def num_compilations(self) -> int:
-        return self._step._cache_size() + self._prompt_lp._cache_size() + self._multi_decode._cache_size()
+        """Programs compiled so far: the precompiled ones plus any the jit wrappers compiled lazily
+        (a precompiled engine never does; tests assert this number stays put after warm-up)."""
+        return (len(self._programs) + self._step._cache_size() + self._prompt_lp._cache_size()
+                + self._multi_decode._cache_size())
 
     def precompile(self, progress: bool = True) -> float:
-        """Compile every bucket (runs each once on an all-padding batch). Returns seconds taken."""
+        """Compile every program of every bucket. Returns the seconds taken.
+
+        Tracing is Python (serial); XLA compilation releases the GIL, so the programs compile in
+        parallel threads. The runner then calls the compiled executables directly (no jit cache
+        lookup on the hot path). Two phases: the model steps, then the prompt-logprob programs,
+        which take the step's hidden-state output and need its sharding.
+        """
         t0 = time.perf_counter()
-        for bucket in tqdm(self.buckets, desc="Compiling buckets", disable=not progress, leave=False):
-            hb = pack_batch(SchedulerOutput(), bucket, self.block_size, self.pages_per_seq, self.max_model_len)
-            out, hidden = self._run(hb)
-            jax.block_until_ready(out.token_ids)
-            with self._mesh_ctx():
-                self._prompt_lp(self.state, hidden, np.zeros(bucket.num_tokens, np.int32))
+        jobs = {("step", b): (self._step, self._step_args(self._empty_batch(b))) for b in self.buckets}
         if self.num_decode_steps > 1:
-            for s in tqdm(self.decode_buckets, desc="Compiling decode", disable=not progress, leave=False):
-                hb = pack_batch(SchedulerOutput(), Bucket(s, s), self.block_size, self.pages_per_seq,
-                                self.max_model_len)
-                jax.block_until_ready(self._run_multi(hb, np.zeros(s, np.int32))[0])
-        jax.effects_barrier()
+            for s in self.decode_buckets:
+                hb = self._empty_batch(Bucket(s, s))
+                jobs[("decode", s)] = (self._multi_decode, self._multi_args(hb, np.zeros(s, np.int32)))
+        self._compile_jobs(jobs, "Compiling", progress)
+        lp_jobs = {}
+        for b in self.buckets:
+            hidden = self._programs[("step", b)].output_shardings[2]
+            d = self.state["model"]["norm"]["weight"][...].shape[0]
+            abstract = jax.ShapeDtypeStruct((b.num_tokens, d), self.kv_dtype, sharding=hidden)
+            lp_jobs[("lp", b.num_tokens)] = (self._prompt_lp, (self.state, abstract,
+                                                               np.zeros(b.num_tokens, np.int32)))
+        self._compile_jobs(lp_jobs, "Compiling prompt logprobs", progress)
         return time.perf_counter() - t0
+
+    def _compile_jobs(self, jobs: dict, desc: str, progress: bool) -> None:
+        with self._mesh_ctx():
+            lowered = {key: fn.lower(*args) for key, (fn, args) in
+                       tqdm(jobs.items(), desc=f"Tracing ({desc.lower()})", disable=not progress, leave=False)}
+        workers = max(1, min(len(lowered), os.cpu_count() or 1, 8))
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(lowered), desc=desc, disable=not progress,
+                                                        leave=False) as bar:
+            futures = {key: pool.submit(low.compile) for key, low in lowered.items()}
+            for key, fut in futures.items():
+                self._programs[key] = fut.result()
+                bar.update(1)
+
+    def _empty_batch(self, bucket: Bucket) -> HostBatch:
+        return pack_batch(SchedulerOutput(), bucket, self.block_size, self.pages_per_seq, self.max_model_len)
 
     # ---------------------------------------------------------------- step
     def _hist(self, hb: HostBatch) -> jax.Array:
@@ -180,22 +209,33 @@ class ModelRunner:
             any_penalties=np.asarray(hb.hist_ids is not None),
             any_top_k_top_p=np.asarray(hb.any_top_k_top_p), any_logprobs=np.asarray(hb.any_logprobs))
 
-    def _run(self, hb: HostBatch):
+    def _step_args(self, hb: HostBatch) -> tuple:
         attn_md = AttentionMetadata(
             input_positions=hb.positions, slot_mapping=hb.slot_mapping, kv_lens=hb.kv_lens,
             page_indices=hb.page_indices, cu_q_lens=hb.cu_q_lens,
             num_seqs=np.array([hb.num_seqs], np.int32))
+        return (self.state, self.kv_caches, hb.input_ids, attn_md, hb.logits_indices, self._sampling_md(hb))
+
+    def _multi_args(self, hb: HostBatch, max_steps: np.ndarray) -> tuple:
+        S = hb.bucket.num_seqs
+        return (self.state, self.kv_caches, hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
+                np.array([hb.num_seqs], np.int32), self._sampling_md(hb))
+
+    def _call(self, key, fn, args):
+        """The precompiled program for ``key``, or the jit wrapper (compiles lazily) if none."""
+        prog = self._programs.get(key)
+        if prog is not None:
+            return prog(*args)
         with self._mesh_ctx():
-            self.kv_caches, out, hidden = self._step(self.state, self.kv_caches, hb.input_ids, attn_md,
-                                                     hb.logits_indices, self._sampling_md(hb))
+            return fn(*args)
+
+    def _run(self, hb: HostBatch):
+        self.kv_caches, out, hidden = self._call(("step", hb.bucket), self._step, self._step_args(hb))
         return out, hidden
 
     def _run_multi(self, hb: HostBatch, max_steps: np.ndarray):
-        S = hb.bucket.num_seqs
-        with self._mesh_ctx():
-            self.kv_caches, *outs = self._multi_decode(
-                self.state, self.kv_caches, hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
-                np.array([hb.num_seqs], np.int32), self._sampling_md(hb))
+        self.kv_caches, *outs = self._call(("decode", hb.bucket.num_seqs), self._multi_decode,
+                                           self._multi_args(hb, max_steps))
         return outs
 
     def _mesh_ctx(self):
@@ -274,8 +314,8 @@ class ModelRunner:
             if end > start:
                 off = hb.cu_q_lens[i]
                 targets[off:off + end - start] = req.prompt_token_ids[start + 1:end + 1]
-        with self._mesh_ctx():
-            tgt, top_ids, top_lp = jax.device_get(self._prompt_lp(self.state, hidden, targets))
+        tgt, top_ids, top_lp = jax.device_get(
+            self._call(("lp", hb.bucket.num_tokens), self._prompt_lp, (self.state, hidden, targets)))
         for i, sr in rows:
             req, start = sr.request, sr.num_computed_tokens
             k = req.sampling_params.prompt_logprobs

@@ -76,6 +76,27 @@ def render(results_dir: str) -> str:
                   f"{_f(d.get('ttft_median_ms'))} | {_f(d.get('tpot_median_ms'), 2)} | "
                   f"{d['versions']['transformers']} / {d['versions']['torch']} |" for n, d in peer]
         lines.append("")
+    pairs = [(d, h) for _, d in tp for _, h in peer
+             if h.get("bench") == "hf_peer_throughput" and h.get("model") == d["args"].get("model")
+             and (h["input_len"], h["output_len"], h.get("num_requests")) == (d["input_len"], d["output_len"],
+                                                                                 d["num_prompts"])]
+    pairs += [(d, h) for _, d in lat for _, h in peer
+              if h.get("bench") == "hf_peer_latency" and h.get("model") == d["args"].get("model")
+              and (h["input_len"], h["output_len"], h.get("batch_size")) == (d["input_len"], d["output_len"],
+                                                                               d["batch_size"])]
+    if pairs:
+        lines += ["## jaxllm vs transformers (same preset, workload and device)", "",
+                  "| model | workload | jaxllm | transformers | jaxllm / transformers |", "|---|---|---|---|---|"]
+        for d, h in pairs:
+            if d.get("bench") == "throughput":
+                work = f"throughput {d['num_prompts']} × {d['input_len']}/{d['output_len']} (output tok/s)"
+                a, b = d["output_tokens_per_second"], h["output_tokens_per_second"]
+            else:
+                work = f"latency batch {d['batch_size']} {d['input_len']}/{d['output_len']} (TPOT ms, lower is better)"
+                a, b = d["tpot_median_ms"], h["tpot_median_ms"]
+            ratio = a / b if a and b else None
+            lines.append(f"| {d['args'].get('model')} | {work} | {_f(a, 2)} | {_f(b, 2)} | {_f(ratio, 2)} |")
+        lines.append("")
     if serve:
         lines += ["## Serving (jaxllm bench serve)", "",
                   "| file | load | req/s | output tok/s | median TTFT ms | median TPOT ms | p99 E2EL ms |",

@@ -87,3 +87,27 @@ def test_sweep_parse():
     for bad in ("concurrency:0", "concurrency:1.5", "speed:1", "rate:", "rate:a"):
         with pytest.raises(ValueError, match="sweep"):
             sb.parse_sweep(bad)
+
+
+def test_cli_launch_in_process_with_profile(tiny_llama_dir, tmp_path):
+    """--launch serves --model in this process; --profile traces the measured region there."""
+    import os
+
+    from jaxllm.entrypoints.cli import main
+
+    out, trace = tmp_path / "launch.json", tmp_path / "trace"
+    engine = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_KW.items()]
+    rc = main(["bench", "serve", "--launch", "--model", tiny_llama_dir, *engine, "--num-prompts", "3",
+               "--input-len", "8", "--output-len", "3", "--vocab-size", str(VOCAB), "--request-rate", "100",
+               "--profile", str(trace), "--output-json", str(out), "--disable-tqdm"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["completed"] == 3 and data["total_output_tokens"] == 9 and data["request_rate"] == 100.0
+    assert data["base_url"].startswith("http://127.0.0.1:")
+    assert any(files for _, _, files in os.walk(trace))
+
+
+def test_cli_profile_needs_launch(server):
+    from jaxllm.entrypoints.cli import main
+
+    assert main(["bench", "serve", "--base-url", server.http_url, "--profile", "/tmp/x", "--disable-tqdm"]) == 2

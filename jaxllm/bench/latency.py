@@ -9,7 +9,8 @@ prompts so the prefix cache never hits) the engine is stepped directly and every
 * ITL: per request, the gaps between successive outputs, each divided by the tokens it carried.
 * tokens/s: ``batch_size * output_len / end-to-end latency``.
 * MBU: bytes one decode step reads (weights + KV at the mean decode context ``input_len +
-  output_len / 2``) / TPOT / the copy bandwidth measured by :mod:`jaxllm.bench.hw` in this process.
+  output_len / 2``) / TPOT / the copy bandwidth measured by :mod:`jaxllm.bench.hw` in this process
+  (after the measured iterations).
 """
 
 from __future__ import annotations
@@ -84,7 +85,6 @@ def run_latency(args: argparse.Namespace, llm=None) -> dict:
             raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
     if args.num_iters_warmup < 0:
         raise ValueError(f"num_iters_warmup: must be >= 0, got {args.num_iters_warmup}")
-    probe = hw.probe(copy_bytes=args.hw_copy_bytes, matmul_n=args.hw_matmul_n)  # before the KV cache takes memory
     if llm is None:
         from jaxllm import LLM
         from jaxllm.entrypoints.cli import engine_kwargs
@@ -107,6 +107,8 @@ def run_latency(args: argparse.Namespace, llm=None) -> dict:
         for it in tqdm(range(args.num_iters), desc="Profiling iterations", disable=args.disable_tqdm):
             iters.append(run_iteration(engine, prompts(it), n_out, f"it{it}"))
 
+    # After the measured region (see jaxllm.bench.hw): the engine's KV sizing is not disturbed.
+    probe = hw.probe(copy_bytes=args.hw_copy_bytes, matmul_n=args.hw_matmul_n)
     e2e = [x.e2e_s for x in iters]
     step_times = [t for x in iters for t in x.decode_step_s_per_token]
     tpot = statistics.median(step_times) if step_times else float("nan")

@@ -38,3 +38,18 @@ def test_bad_sizes_raise():
         hw.measure_matmul_rate(0)
     with pytest.raises(ValueError, match="reps"):
         hw._median_time(lambda i: i, reps=0, inner=1, warmup=0)
+
+
+def test_probe_halves_copy_size_when_memory_is_short(monkeypatch):
+    tried = []
+
+    def fake_copy(nbytes, **kw):
+        tried.append(nbytes)
+        if nbytes > (128 << 20):
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return 1e9
+
+    monkeypatch.setattr(hw, "measure_copy_bandwidth", fake_copy)
+    p = hw.probe(copy_bytes=1 << 30, matmul_n=32, reps=3)
+    assert tried == [1 << 30, 512 << 20, 256 << 20, 128 << 20]
+    assert p.copy_bytes == 128 << 20 and p.copy_bandwidth == 1e9

@@ -69,7 +69,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, progress: bool = True):
         t_start = time.perf_counter()
         from jaxllm.engine.model_loading import load_everything  # jax-heavy imports stay lazy
+        from jaxllm.parallel.multihost import initialize as initialize_multihost
 
+        initialize_multihost(config.parallel_config)  # jax.distributed first (no-op for one process)
         _enable_compilation_cache(config.compilation_cache_dir)
         loaded = load_everything(config, progress=progress)
         self.config: EngineConfig = loaded.config
@@ -96,6 +98,13 @@ class LLMEngine:
         self._warm_compilations = self.runner.num_compilations
         logger.info("Engine ready in %.1fs (load %.1fs, compile %.1fs for %d buckets)", self.startup_time_s,
                     self.load_time_s, self.compile_time_s, len(self.runner.buckets))
+        mh = self.runner.multihost
+        if mh is not None and not mh.is_leader:
+            # A follower process (process_id > 0) only mirrors the leader's device programs: it serves
+            # them here, then exits when the leader stops (LLM.close()/exit) — generate, serve, LLM alike.
+            from jaxllm.parallel.multihost import follower_loop
+            follower_loop(self.runner)
+            raise SystemExit(0)
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -36,6 +36,12 @@ def add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False)
     g.add_argument("--attention-backend", default="auto")
     g.add_argument("--compilation-cache-dir", default=None,
                    help="JAX persistent compilation cache (default ~/.cache/jaxllm/xla; '' disables)")
+    # Multi-host (docs/multihost.md): the same command on every process; process 0 leads.
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="multi-host: address of process 0's coordinator (the same on every process)")
+    g.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="multi-host: this process's index; 0 leads, the others serve its steps and exit")
 
 
 _ENGINE_KEYS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",

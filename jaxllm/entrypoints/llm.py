@@ -90,3 +90,22 @@ class LLM:
 
     def stats(self) -> dict:
         return self.llm_engine.stats()
+
+    def close(self) -> None:
+        """Release the engine. Multi-host: the leader tells the follower processes to exit."""
+        engine = getattr(self, "llm_engine", None)
+        mh = getattr(getattr(engine, "runner", None), "multihost", None)
+        if mh is not None:
+            mh.stop()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown: jax may be gone; atexit covers it)
+            pass

@@ -118,10 +118,16 @@ class ModelRunner:
         if kv_sharding is not None and mesh is not None:
             divisor = dict(mesh.shape).get("model", 1)
         self.num_blocks = kvc.num_blocks_for(
-            num_kv_blocks=cc.num_kv_blocks, per_block=per_block, device=jax.devices()[0],
+            num_kv_blocks=cc.num_kv_blocks, per_block=per_block, device=jax.local_devices()[0],
             utilization=cc.gpu_memory_utilization, reserve_bytes=self._activation_reserve(model),
             max_num_seqs=sc.max_num_seqs, max_model_len=self.max_model_len, block_size=self.block_size,
             divisor=divisor)
+        # Multi-process (jaxllm/parallel/multihost.py): the leader's broadcast of each step's inputs
+        # needs identical programs everywhere, so all processes agree on the fewest blocks any fits.
+        self.multihost = None
+        if jax.process_count() > 1:
+            from jaxllm.parallel.multihost import Multihost, agree_min
+            self.num_blocks = agree_min(self.num_blocks)
         self.kv_caches = kvc.allocate_kv_caches(num_layers, self.num_blocks, self.block_size, num_kv_heads,
                                                 head_dim, self.kv_dtype, kv_sharding)
         tokens = self.num_blocks * self.block_size
@@ -130,6 +136,8 @@ class ModelRunner:
                     self.num_blocks * per_block / 2**30, self.max_model_len, tokens / self.max_model_len)
         self._empty_hist: dict[int, jax.Array] = {}
         self._programs: dict[tuple, jax.stages.Compiled] = {}
+        if jax.process_count() > 1:
+            self.multihost = Multihost(self)
 
     # ---------------------------------------------------------------- sizing
     def _activation_reserve(self, model) -> int:
@@ -223,11 +231,16 @@ class ModelRunner:
 
     def _call(self, key, fn, args):
         """The precompiled program for ``key``, or the jit wrapper (compiles lazily) if none."""
+        mh = self.multihost
+        if mh is not None:  # several processes: the leader broadcasts args[2:] (parallel/multihost.py)
+            args = mh.share_inputs(key, args)
         prog = self._programs.get(key)
         if prog is not None:
-            return prog(*args)
-        with self._mesh_ctx():
-            return fn(*args)
+            out = prog(*args)
+        else:
+            with self._mesh_ctx():
+                out = fn(*args)
+        return out if mh is None else mh.local_outputs(key, out)
 
     def _run(self, hb: HostBatch):
         self.kv_caches, out, hidden = self._call(("step", hb.bucket), self._step, self._step_args(hb))

@@ -5,7 +5,7 @@ Layout of a converted directory::
 
     DIR/config.json, generation_config.json, tokenizer files   (copied from the HF checkpoint)
     DIR/jaxllm_orbax.json                                      (marker: format version, dtype, ...)
-    DIR/params/                                                (orbax StandardCheckpointer)
+    DIR/params/                                                (orbax PyTreeCheckpointer, uncompressed)
 
 ``params`` holds ``nnx.to_pure_dict`` of the model's ``nnx.Param`` state: the NNX tree
 (``model.layers.0.self_attn.q_proj.kernel``) in the model's own layout (kernels ``[in, out]``), in
@@ -86,9 +86,9 @@ def save_params(model: nnx.Module, directory: str) -> int:
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), state)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
     t0 = time.perf_counter()
-    with ocp.StandardCheckpointer() as ckptr:
+    # Uncompressed: zstd saves ~10-20% of disk on bf16 weights but makes restores ~2x slower.
+    with ocp.PyTreeCheckpointer(use_compression=False) as ckptr:
         ckptr.save(os.path.abspath(directory), state, save_args=save_args)
-        ckptr.wait_until_finished()
     logger.info("Saved %d parameter tensors (%.1f MiB) to %s in %.2fs", len(jax.tree.leaves(state)),
                 nbytes / 2**20, directory, time.perf_counter() - t0)
     return nbytes
@@ -126,7 +126,7 @@ def _check_stored(directory: str, targets: dict[Path, jax.ShapeDtypeStruct]) -> 
     """Compare the checkpoint's tree and shapes with the model's, naming what differs."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.metadata(directory).item_metadata
     stored = {_name(k): tuple(m.shape) for k, m in traverse_util.flatten_dict(dict(tree)).items()}
     wanted = {_name(k): tuple(t.shape) for k, t in targets.items()}
@@ -170,8 +170,10 @@ def load_orbax(model: nnx.Module, path: str, *, mesh: Mesh | None = None, kv_rep
     targets = _restore_targets(params, mesh, kv_replicas, head_dim)
     _check_stored(directory, targets)
     t0 = time.perf_counter()
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(directory, traverse_util.unflatten_dict(targets))
+    target = traverse_util.unflatten_dict(targets)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     restored = traverse_util.flatten_dict(restored)
     for path_, var in params.items():
         x = restored[path_]

@@ -54,7 +54,7 @@ def run_iteration(engine, prompts: list[list[int]], output_len: int, tag: str) -
         outs = engine.step()
         te = time.perf_counter()
         all_started_before = len(started) == len(ids)
-        new_tokens = 0
+        new_tokens = active = 0
         for out in outs:
             if out.request_id not in ids:
                 continue
@@ -62,6 +62,7 @@ def run_iteration(engine, prompts: list[list[int]], output_len: int, tag: str) -
             if n == 0:
                 continue
             new_tokens += n
+            active += 1
             rid = out.request_id
             if rid not in started:
                 started.add(rid)
@@ -71,7 +72,7 @@ def run_iteration(engine, prompts: list[list[int]], output_len: int, tag: str) -
                 itl.append((te - last_out[rid]) / n)
             last_out[rid] = te
         if all_started_before and new_tokens:
-            decode.append((te - ts) * len(ids) / new_tokens)
+            decode.append((te - ts) * active / new_tokens)   # seconds per token of one request
     return IterationTimes(e2e_s=time.perf_counter() - t0, ttft_s=list(ttft.values()),
                           decode_step_s_per_token=decode, itl_s=itl)
 

@@ -82,7 +82,8 @@ def check_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, slidin
     if d < 16 or d & (d - 1):
         raise ValueError(f"q: head_dim must be a power of two >= 16, got {d}")
     if page_indices.ndim != 2:
-        raise ValueError(f"page_indices: must be [max_num_seqs, pages_per_seq], got {page_indices.shape}")
+        raise ValueError("page_indices: must be [max_num_seqs, pages_per_seq], "
+                         f"got {page_indices.shape}")
     s = page_indices.shape[0]
     if kv_lens.shape != (s,):
         raise ValueError(f"kv_lens: must have shape ({s},), got {kv_lens.shape}")

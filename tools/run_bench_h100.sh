@@ -12,6 +12,7 @@
 #                    same engine flags as throughput_8b, so its start hits the persistent compile cache
 #   hf_throughput_8b the transformers peer on the same preset and prompts (generate_batch, else static generate)
 #   hf_latency_8b    the peer's batch-1 TTFT / TPOT (static cache; eager unless HF_COMPILE=1)
+#   hf_generate_8b   (not by default) the peer's static-cache generate() in batches of 64
 #   latency_small    jaxllm bench latency qwen2.5-0.5b (a small engine: fewer programs to compile)
 # Writes $OUT/*.json, $OUT/summary.md (python -m jaxllm.bench.report) and $OUT/log.
 #
@@ -82,6 +83,11 @@ step hf_throughput_8b 200 35 $PY tools/bench_hf_peer.py throughput --model "$MOD
   --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" --output-json "$OUT/hf_throughput_llama8b.json"
 
 HF_FLAGS=""; [[ "$HF_COMPILE" == 1 ]] || HF_FLAGS="--no-compile"
+# Optional (add to STEPS): the peer's static-cache generate() in batches of 64, for when
+# generate_batch runs without flash attention (slow masked SDPA path).
+step hf_generate_8b 200 35 $PY tools/bench_hf_peer.py throughput --method generate --batch-size 64 $HF_FLAGS \
+  --model "$MODEL_8B" --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" \
+  --output-json "$OUT/hf_generate_llama8b.json"
 step hf_latency_8b 60 0 $PY tools/bench_hf_peer.py latency --model "$MODEL_8B" --batch-size 1 \
   --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters 3 --num-iters-warmup 1 $HF_FLAGS \
   --output-json "$OUT/hf_latency_llama8b.json"

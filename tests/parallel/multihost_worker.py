@@ -71,7 +71,9 @@ def main() -> None:
         "num_programs": None if mh is None else mh.num_programs,
         "kv_sharding": str(getattr(runner.kv_caches[0].sharding, "spec", None)),
         "kv_addressable_shards": len(runner.kv_caches[0].addressable_shards),
-        "startup_s": t_ready - t0, "generate_s": t_gen,
+        "startup_s": t_ready - t0, "compile_s": llm.llm_engine.compile_time_s, "generate_s": t_gen,
+        "ms_per_program": None if mh is None else 1e3 * t_gen / max(1, mh.num_programs),
+        "share_ms_per_program": None if mh is None else 1e3 * mh.share_s / max(1, mh.num_programs),
     }
     llm.close()  # multi-host: the follower leaves its loop and exits 0
     with open(out_path, "w") as f:

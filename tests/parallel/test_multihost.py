@@ -128,3 +128,58 @@ def test_follower_mirrored_every_program_and_state_is_sharded(runs):
     stats = multi["stats"]
     assert stats["num_compilations"] == multi["warm_compilations"]
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] > 0
+
+
+# ---------------------------------------------------------------- in-process pieces (no jax job)
+def test_initialize_validates_before_joining():
+    from jaxllm.config import ParallelConfig
+    from jaxllm.parallel.multihost import initialize
+
+    initialize(ParallelConfig())  # one process: a no-op
+    with pytest.raises(ValueError, match="coordinator_address"):
+        initialize(ParallelConfig(num_processes=2, process_id=1))
+    with pytest.raises(ValueError, match="process_id"):
+        ParallelConfig(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2)
+
+
+def test_pack_unpack_and_header_round_trip():
+    from jaxllm.parallel.multihost import STOP, Multihost, _pack, _unpack
+    from jaxllm.runner.buckets import Bucket
+
+    rng = np.random.default_rng(1)
+    leaves = [rng.integers(-5, 5, size=7).astype(np.int32), np.asarray(True),
+              rng.standard_normal((3, 2)).astype(np.float32), np.zeros((4, 0), np.int32)]
+    like = [np.zeros_like(x) for x in leaves]
+    back = _unpack(_pack(leaves), like)
+    assert [(b.shape, b.dtype) for b in back] == [(x.shape, x.dtype) for x in leaves]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, back))
+    with pytest.raises(RuntimeError, match="bytes"):
+        _unpack(_pack(leaves[:1]), like)
+    for key in (("step", Bucket(16, 8)), ("decode", 8), ("lp", 16)):
+        assert Multihost._decode(np.array([*Multihost._encode(key), 0], np.int32)) == key
+    assert Multihost._decode(np.array([STOP, 0, 0, 0], np.int32)) is None
+
+
+def test_follower_loop_needs_a_follower():
+    from types import SimpleNamespace
+
+    from jaxllm.parallel.multihost import follower_loop
+
+    with pytest.raises(RuntimeError, match="follower"):
+        follower_loop(SimpleNamespace(multihost=None))
+
+
+def test_cli_flags_reach_the_engine_config():
+    import argparse
+
+    from jaxllm.config import EngineConfig
+    from jaxllm.entrypoints.cli import add_engine_args, engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    kw = engine_kwargs(p.parse_args(["--coordinator-address", "10.0.0.1:1234", "--num-processes", "2",
+                                     "--process-id", "1", "-tp", "8"]))
+    pc = EngineConfig.create("m", **kw).parallel_config
+    assert (pc.coordinator_address, pc.num_processes, pc.process_id, pc.tensor_parallel_size) == \
+        ("10.0.0.1:1234", 2, 1, 8)
+    assert "num_processes" not in engine_kwargs(p.parse_args([]))  # single process: defaults untouched

@@ -55,6 +55,16 @@ def orbax_dir(tiny_llama_dir, tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="module")
+def tied_orbax_dir(tiny_llama_tied_dir, tmp_path_factory) -> str:
+    """Tied embeddings, q/k/v/o and MLP biases, head_dim 32: the bias paths of the restore."""
+    from jaxllm.entrypoints.convert import convert
+
+    out = str(tmp_path_factory.mktemp("orbax") / "tiny_llama_tied_orbax")
+    convert(tiny_llama_tied_dir, out)
+    return out
+
+
 def test_cli_convert_writes_checkpoint(orbax_dir, tiny_llama_dir):
     from jaxllm.models.orbax_io import FORMAT_VERSION, MARKER_FILE, PARAMS_DIR
 
@@ -74,8 +84,12 @@ def test_cli_convert_writes_checkpoint(orbax_dir, tiny_llama_dir):
     assert marker["num_parameters"] == n_params
 
 
-def test_params_equal_safetensors_at_tp1(orbax_dir, tiny_llama_dir):
-    ref, got = _load(tiny_llama_dir), _load(orbax_dir, load_format="orbax")
+@pytest.mark.parametrize("kind", ["llama", "llama_tied"])
+def test_params_equal_safetensors_at_tp1(kind, request):
+    hf_dir = request.getfixturevalue(f"tiny_{kind}_dir")
+    ref = _load(hf_dir)
+    got = _load(request.getfixturevalue("orbax_dir" if kind == "llama" else "tied_orbax_dir"),
+                load_format="orbax")
     assert got.keys() == ref.keys()
     for name in ref:
         assert got[name].dtype == ref[name].dtype, name
@@ -138,13 +152,14 @@ def test_generate_tp1_matches_hf(orbax_dir, hf_reference):
     check_logprobs_close(seqs, hf_reference, "orbax tp=1", "hf")
 
 
-def test_tp4_shardings_params_and_generation(orbax_dir, tiny_llama_dir, hf_reference, tmp_path):
+def test_tp4_shardings_params_and_generation(orbax_dir, tiny_llama_dir, tied_orbax_dir, tiny_llama_tied_dir,
+                                            hf_reference, tmp_path):
     from tests.utils import check_logprobs_close
 
     out_json = str(tmp_path / "tp4.json")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "tests.parallel.test_orbax", out_json, tiny_llama_dir,
-                           orbax_dir], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           orbax_dir, tiny_llama_tied_dir, tied_orbax_dir], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(out_json) as f:
         result = json.load(f)
@@ -153,7 +168,18 @@ def test_tp4_shardings_params_and_generation(orbax_dir, tiny_llama_dir, hf_refer
     check_logprobs_close(seqs, hf_reference, f"orbax tp={TP}", "hf")
 
 
-def _tp_child(out_json: str, hf_dir: str, orbax_dir: str) -> None:
+def _check_equal_at_tp(hf_dir: str, orbax_dir: str, mesh) -> dict:
+    """Restored params equal the safetensors-loaded ones on ``mesh`` (kv heads replicated alike)."""
+    ref, got = _load(hf_dir, mesh=mesh), _load(orbax_dir, mesh=mesh, load_format="orbax")
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        assert got[name].sharding.is_equivalent_to(ref[name].sharding, got[name].ndim), name
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(ref[name]), err_msg=name)
+    return got
+
+
+def _tp_child(out_json: str, hf_dir: str, orbax_dir: str, tied_hf_dir: str, tied_orbax_dir: str) -> None:
     """In a process with 8 CPU devices: restored tp=4 params have the designed shardings and equal
     the safetensors-loaded tp=4 ones (k/v heads replicated the same way); then generate."""
     import jax
@@ -163,12 +189,9 @@ def _tp_child(out_json: str, hf_dir: str, orbax_dir: str) -> None:
 
     assert len(jax.devices()) >= TP, jax.devices()
     mesh = make_mesh(TP)
-    ref, got = _load(hf_dir, mesh=mesh), _load(orbax_dir, mesh=mesh, load_format="orbax")
-    assert got.keys() == ref.keys()
-    for name in ref:
-        assert got[name].shape == ref[name].shape, name
-        assert got[name].sharding.is_equivalent_to(ref[name].sharding, got[name].ndim), name
-        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(ref[name]), err_msg=name)
+    tied = _check_equal_at_tp(tied_hf_dir, tied_orbax_dir, mesh)
+    assert tied["model.layers.0.self_attn.k_proj.bias"].shape == (TP * 32,)  # 2 kv heads x 2, D=32
+    got = _check_equal_at_tp(hf_dir, orbax_dir, mesh)
     # q: kernel [hidden, Hq*D] split on outputs; k: [hidden, 2 kv heads x 2 replicas x D];
     # embedding [vocab, hidden] split on the vocabulary; o: [Hq*D, hidden] split on inputs.
     split = {"model.layers.0.self_attn.q_proj.weight": (P(None, "model"), 1),
@@ -189,4 +212,4 @@ def _tp_child(out_json: str, hf_dir: str, orbax_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    _tp_child(*sys.argv[1:4])
+    _tp_child(*sys.argv[1:6])

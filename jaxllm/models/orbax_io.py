@@ -104,8 +104,8 @@ def _sharding(var: nnx.Param, mesh: Mesh | None) -> jax.sharding.Sharding:
     return NamedSharding(mesh, PartitionSpec(*(var.get_metadata().get("out_sharding") or ())))
 
 
-def _restore_targets(params: dict[Path, nnx.Param], mesh: Mesh | None, kv_replicas: int,
-                     head_dim: int) -> dict[Path, jax.ShapeDtypeStruct]:
+def _restore_targets(params: dict[Path, nnx.Param], mesh: Mesh | None,
+                     kv_replicas: int) -> dict[Path, jax.ShapeDtypeStruct]:
     """One ``ShapeDtypeStruct`` per parameter: the stored shape, the model's dtype, its sharding.
 
     k/v projections of a model with replicated kv heads have ``1 / kv_replicas`` of the model's
@@ -167,7 +167,7 @@ def load_orbax(model: nnx.Module, path: str, *, mesh: Mesh | None = None, kv_rep
                          f"{meta.get('num_key_value_heads')}, the model config has {stored_hkv}")
     directory = os.path.abspath(os.path.join(path, PARAMS_DIR))
     params = _params(model)
-    targets = _restore_targets(params, mesh, kv_replicas, head_dim)
+    targets = _restore_targets(params, mesh, kv_replicas)
     _check_stored(directory, targets)
     t0 = time.perf_counter()
     target = traverse_util.unflatten_dict(targets)

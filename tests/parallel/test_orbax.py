@@ -159,7 +159,8 @@ def test_tp4_shardings_params_and_generation(orbax_dir, tiny_llama_dir, tied_orb
     out_json = str(tmp_path / "tp4.json")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "tests.parallel.test_orbax", out_json, tiny_llama_dir,
-                           orbax_dir, tiny_llama_tied_dir, tied_orbax_dir], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           orbax_dir, tiny_llama_tied_dir, tied_orbax_dir], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(out_json) as f:
         result = json.load(f)

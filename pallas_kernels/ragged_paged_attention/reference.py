@@ -78,6 +78,9 @@ def ref_ragged_paged_attention(
         mask &= k_pos > q_pos[:, None] - sliding_window
     mask &= valid_tok[:, None]
     s = jnp.where(mask[:, None, None, :], s, mask_value)
+    # Slots a query may not see (past kv_len, before the window, other sequences' pages) can hold
+    # anything, NaN included: zero their V, since a probability of 0 times NaN is still NaN.
+    v_tok = jnp.where(mask[:, :, None, None], v_tok, 0)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     p = jnp.where(mask[:, None, None, :], p, 0.0)

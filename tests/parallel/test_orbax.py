@@ -96,7 +96,7 @@ def test_params_equal_safetensors_at_tp1(kind, request):
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(ref[name]), err_msg=name)
 
 
-def test_convert_to_bfloat16(tiny_llama_dir, tmp_path):
+def test_convert_to_bfloat16(tiny_llama_dir, orbax_dir, tmp_path):
     import jax.numpy as jnp
 
     from jaxllm.entrypoints.convert import convert
@@ -106,10 +106,12 @@ def test_convert_to_bfloat16(tiny_llama_dir, tmp_path):
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["dtype"] == "bfloat16"  # dtype="auto" then means the stored dtype
     ref, got = _load(tiny_llama_dir), _load(out, load_format="orbax")
+    cast = _load(orbax_dir, load_format="orbax", dtype="bfloat16")  # float32 on disk, cast on restore
     for name in ref:
-        assert got[name].dtype == jnp.bfloat16, name
-        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(ref[name].astype(jnp.bfloat16)),
-                                      err_msg=name)
+        assert got[name].dtype == cast[name].dtype == jnp.bfloat16, name
+        want = np.asarray(ref[name].astype(jnp.bfloat16))
+        np.testing.assert_array_equal(np.asarray(got[name]), want, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(cast[name]), want, err_msg=name)
 
 
 def test_errors(orbax_dir, tiny_llama_dir, tmp_path):

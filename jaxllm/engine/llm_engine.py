@@ -72,6 +72,9 @@ class LLMEngine:
         from jaxllm.parallel.multihost import initialize as initialize_multihost
 
         initialize_multihost(config.parallel_config)  # jax.distributed first (no-op for one process)
+        # vLLM's gpu_memory_utilization is XLA's pool fraction (effective if jax has not started its
+        # GPU backend yet; an explicit XLA_PYTHON_CLIENT_MEM_FRACTION wins).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(config.cache_config.gpu_memory_utilization))
         _enable_compilation_cache(config.compilation_cache_dir)
         loaded = load_everything(config, progress=progress)
         self.config: EngineConfig = loaded.config
@@ -94,6 +97,7 @@ class LLMEngine:
         self.compile_time_s = 0.0
         if self.config.precompile:
             self.compile_time_s = self.runner.precompile(progress=progress)
+        self.runner.allocate_kv_caches()
         self.startup_time_s = time.perf_counter() - t_start
         self._warm_compilations = self.runner.num_compilations
         logger.info("Engine ready in %.1fs (load %.1fs, compile %.1fs for %d buckets)", self.startup_time_s,

@@ -25,16 +25,19 @@ def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_siz
 
 
 def device_free_bytes(device: jax.Device, utilization: float) -> int | None:
-    """Bytes the KV cache may take on ``device``, or None where the backend reports no limit."""
+    """Bytes of the device pool not yet in use (after the weights), or None where the backend
+    reports no limit (CPU).
+
+    ``utilization`` is applied where XLA's pool is sized: the engine sets
+    XLA_PYTHON_CLIENT_MEM_FRACTION to gpu_memory_utilization before the backend starts, so
+    ``bytes_limit`` already is that fraction of the card. 2% of it stays free for fragmentation.
+    """
+    del utilization
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None
     limit = stats["bytes_limit"]
-    # XLA's allocator already reserved `bytes_limit` for us; keep (1 - utilization) of the card free.
-    total = stats.get("bytes_reservable_limit", limit)
-    budget = int(min(limit, total) * utilization) if utilization < 1.0 and "bytes_reservable_limit" in stats \
-        else limit
-    return max(0, budget - stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
+    return max(0, int(limit * 0.98) - stats.get("bytes_in_use", 0))
 
 
 def num_blocks_for(*, num_kv_blocks: int | None, per_block: int, device: jax.Device, utilization: float,

@@ -113,13 +113,14 @@ class ModelRunner:
         self._multi_decode = jax.jit(functools.partial(_multi_decode_fn, self.graphdef, self.block_size,
                                                        self.num_decode_steps), donate_argnums=(1,))
 
+        self._reserve = self._activation_reserve(model)
         per_block = kvc.bytes_per_block(num_layers, num_kv_heads, head_dim, self.block_size, self.kv_dtype)
         divisor = 1
         if kv_sharding is not None and mesh is not None:
             divisor = dict(mesh.shape).get("model", 1)
         self.num_blocks = kvc.num_blocks_for(
             num_kv_blocks=cc.num_kv_blocks, per_block=per_block, device=jax.local_devices()[0],
-            utilization=cc.gpu_memory_utilization, reserve_bytes=self._activation_reserve(model),
+            utilization=cc.gpu_memory_utilization, reserve_bytes=self._reserve,
             max_num_seqs=sc.max_num_seqs, max_model_len=self.max_model_len, block_size=self.block_size,
             divisor=divisor)
         # Multi-process (jaxllm/parallel/multihost.py): the leader's broadcast of each step's inputs
@@ -128,14 +129,29 @@ class ModelRunner:
         if jax.process_count() > 1:
             from jaxllm.parallel.multihost import Multihost, agree_min
             self.num_blocks = agree_min(self.num_blocks)
-        self.kv_caches = kvc.allocate_kv_caches(num_layers, self.num_blocks, self.block_size, num_kv_heads,
-                                                head_dim, self.kv_dtype, kv_sharding)
+        # Allocated after precompile (see allocate_kv_caches): compiling first leaves XLA's autotuner
+        # the memory the cache will take.
+        self._kv_spec = (num_layers, self.num_blocks, self.block_size, num_kv_heads, head_dim)
+        self._kv_sharding = kv_sharding
+        self._per_block = per_block
+        self.kv_caches: list[jax.Array] | None = None
+        self._empty_hist: dict[int, jax.Array] = {}
+        self._programs: dict[tuple, jax.stages.Compiled] = {}
+        self._kv_abstract = [jax.ShapeDtypeStruct(
+            (self.num_blocks, self.block_size, 2 * num_kv_heads, head_dim), self.kv_dtype,
+            sharding=kv_sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))] * num_layers
+    def allocate_kv_caches(self) -> None:
+        """Allocate the KV pages (once; call after precompile)."""
+        if self.kv_caches is not None:
+            return
+        num_layers, num_blocks, block_size, num_kv_heads, head_dim = self._kv_spec
+        self.kv_caches = kvc.allocate_kv_caches(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+                                                self.kv_dtype, self._kv_sharding)
+        per_block = self._per_block
         tokens = self.num_blocks * self.block_size
         logger.info("KV cache: %d blocks × %d tokens = %d tokens (%.2f GiB); max concurrency at "
                     "max_model_len=%d: %.2fx", self.num_blocks, self.block_size, tokens,
                     self.num_blocks * per_block / 2**30, self.max_model_len, tokens / self.max_model_len)
-        self._empty_hist: dict[int, jax.Array] = {}
-        self._programs: dict[tuple, jax.stages.Compiled] = {}
         if jax.process_count() > 1:
             self.multihost = Multihost(self)
 
@@ -182,6 +198,12 @@ class ModelRunner:
             lp_jobs[("lp", b.num_tokens)] = (self._prompt_lp, (self.state, abstract,
                                                                np.zeros(b.num_tokens, np.int32)))
         self._compile_jobs(lp_jobs, "Compiling prompt logprobs", progress)
+        temp = max((p.memory_analysis().temp_size_in_bytes for p in self._programs.values()
+                    if p.memory_analysis() is not None), default=0)
+        if temp > self._reserve:
+            logger.warning("the step needs %.2f GiB of temporaries, more than the %.2f GiB reserved beside "
+                           "the KV cache; lower gpu_memory_utilization if steps run out of memory",
+                           temp / 2**30, self._reserve / 2**30)
         return time.perf_counter() - t0
 
     def _compile_jobs(self, jobs: dict, desc: str, progress: bool) -> None:
@@ -217,16 +239,19 @@ class ModelRunner:
             any_penalties=np.asarray(hb.hist_ids is not None),
             any_top_k_top_p=np.asarray(hb.any_top_k_top_p), any_logprobs=np.asarray(hb.any_logprobs))
 
+    def _kv(self):
+        return self.kv_caches if self.kv_caches is not None else self._kv_abstract
+
     def _step_args(self, hb: HostBatch) -> tuple:
         attn_md = AttentionMetadata(
             input_positions=hb.positions, slot_mapping=hb.slot_mapping, kv_lens=hb.kv_lens,
             page_indices=hb.page_indices, cu_q_lens=hb.cu_q_lens,
             num_seqs=np.array([hb.num_seqs], np.int32))
-        return (self.state, self.kv_caches, hb.input_ids, attn_md, hb.logits_indices, self._sampling_md(hb))
+        return (self.state, self._kv(), hb.input_ids, attn_md, hb.logits_indices, self._sampling_md(hb))
 
     def _multi_args(self, hb: HostBatch, max_steps: np.ndarray) -> tuple:
         S = hb.bucket.num_seqs
-        return (self.state, self.kv_caches, hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
+        return (self.state, self._kv(), hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
                 np.array([hb.num_seqs], np.int32), self._sampling_md(hb))
 
     def _call(self, key, fn, args):

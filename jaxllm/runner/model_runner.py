@@ -140,6 +140,9 @@ class ModelRunner:
         self._kv_abstract = [jax.ShapeDtypeStruct(
             (self.num_blocks, self.block_size, 2 * num_kv_heads, head_dim), self.kv_dtype,
             sharding=kv_sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))] * num_layers
+        if jax.process_count() > 1:  # needs no KV cache: the follower loop reads it at each program
+            self.multihost = Multihost(self)
+
     def allocate_kv_caches(self) -> None:
         """Allocate the KV pages (once; call after precompile)."""
         if self.kv_caches is not None:
@@ -152,8 +155,6 @@ class ModelRunner:
         logger.info("KV cache: %d blocks × %d tokens = %d tokens (%.2f GiB); max concurrency at "
                     "max_model_len=%d: %.2fx", self.num_blocks, self.block_size, tokens,
                     self.num_blocks * per_block / 2**30, self.max_model_len, tokens / self.max_model_len)
-        if jax.process_count() > 1:
-            self.multihost = Multihost(self)
 
     # ---------------------------------------------------------------- sizing
     def _activation_reserve(self, model) -> int:

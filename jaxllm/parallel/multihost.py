@@ -82,18 +82,24 @@ def agree_min(n: int) -> int:
     return int(np.min(multihost_utils.process_allgather(np.asarray(n, np.int64))))
 
 
+def _padded(nbytes: int) -> int:
+    """Buffer sizes are powers of two (>= 1 KiB): each size is one compiled broadcast program."""
+    return max(1024, 1 << max(0, nbytes - 1).bit_length())
+
+
 def _pack(leaves: list[np.ndarray]) -> np.ndarray:
-    """Host leaves → one u8 buffer (their bytes, in order)."""
-    if not leaves:
-        return np.zeros(0, np.uint8)
-    return np.concatenate([np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in leaves])
+    """Host leaves → one u8 buffer (their bytes, in order, zero-padded to ``_padded``)."""
+    parts = [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in leaves]
+    n = sum(p.nbytes for p in parts)
+    return np.concatenate(parts + [np.zeros(_padded(n) - n, np.uint8)])
 
 
 def _unpack(buf: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     """Inverse of ``_pack``: split ``buf`` by the shapes and dtypes of ``like``."""
     want = sum(t.nbytes for t in like)
-    if want != buf.nbytes:
-        raise RuntimeError(f"multihost: got {buf.nbytes} bytes of inputs, the program takes {want}")
+    if _padded(want) != buf.nbytes:
+        raise RuntimeError(f"multihost: got {buf.nbytes} bytes of inputs, the program takes {want} "
+                           f"(padded to {_padded(want)})")
     out, off = [], 0
     for t in like:
         out.append(buf[off:off + t.nbytes].view(t.dtype).reshape(t.shape))

@@ -60,8 +60,8 @@ def _logs(procs) -> str:
     return "\n".join(out)
 
 
-def _seqs(result: dict):
-    return [(ids, [{int(k): v for k, v in d.items()} for d in lps]) for ids, lps in result["seqs"]]
+def _seqs(result: dict, name: str = "seqs"):
+    return [(ids, [{int(k): v for k, v in d.items()} for d in lps]) for ids, lps in result[name]]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,9 @@ def test_outputs_match_single_process_tp1(runs):
     assert lengths == [12, 12, 4, 12, 9]
     assert [len(ids) for ids, _ in multi["seqs"]] == lengths
     check_logprobs_close(_seqs(ref), _seqs(multi), "tp=1 single process", "tp=8 over 2 processes")
+    # The same workload again: prefix-cache hits now (full blocks reused across processes' KV shards).
+    assert multi["stats"]["prefix_cache_hits"] > 0
+    check_logprobs_close(_seqs(ref), _seqs(multi, "seqs_warm"), "tp=1", "tp=8 over 2 processes, 2nd run")
     # Prompt logprobs (the "lp" program, fed by the step's global hidden states) agree closely.
     ref_plp, multi_plp = ref["prompt_logprobs"][1], multi["prompt_logprobs"][1]
     assert ref_plp[0] is None and multi_plp[0] is None and len(ref_plp) == len(multi_plp) > 1
@@ -154,7 +157,8 @@ def test_pack_unpack_and_header_round_trip():
     assert [(b.shape, b.dtype) for b in back] == [(x.shape, x.dtype) for x in leaves]
     assert all(np.array_equal(a, b) for a, b in zip(leaves, back))
     with pytest.raises(RuntimeError, match="bytes"):
-        _unpack(_pack(leaves[:1]), like)
+        _unpack(_pack(leaves[:1] * 300), like)
+    assert _pack(leaves).nbytes == 1024 and _pack([np.zeros(300, np.int32)]).nbytes == 2048  # size classes
     for key in (("step", Bucket(16, 8)), ("decode", 8), ("lp", 16)):
         assert Multihost._decode(np.array([*Multihost._encode(key), 0], np.int32)) == key
     assert Multihost._decode(np.array([STOP, 0, 0, 0], np.int32)) is None

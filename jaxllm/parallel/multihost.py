@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ParallelConfig
+from jaxllm.runner.buckets import Bucket
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +131,13 @@ class Multihost:
     def _fn_and_template(self, key: tuple) -> tuple[Any, list[np.ndarray], Any]:
         """The jit wrapper of ``key`` and zeros shaped like its host leaves (+ their treedef)."""
         if key not in self._templates:
-            from jaxllm.runner.buckets import Bucket
             r, kind = self.runner, key[0]
             if kind == "step":
                 fn, host = r._step, r._step_args(r._empty_batch(key[1]))[2:]
             elif kind == "decode":
                 s = key[1]
-                fn, host = r._multi_decode, r._multi_args(r._empty_batch(Bucket(s, s)), np.zeros(s, np.int32))[2:]
+                hb = r._empty_batch(Bucket(s, s))
+                fn, host = r._multi_decode, r._multi_args(hb, np.zeros(s, np.int32))[2:]
             elif kind == "lp":
                 fn, host = r._prompt_lp, (np.zeros(key[1], np.int32),)
             else:
@@ -160,7 +161,6 @@ class Multihost:
         if op not in _KINDS:
             raise RuntimeError(f"multihost: bad header {header.tolist()}")
         if _KINDS[op] == "step":
-            from jaxllm.runner.buckets import Bucket
             return ("step", Bucket(a, b))
         return (_KINDS[op], a)
 

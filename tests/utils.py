@@ -34,12 +34,14 @@ def hf_greedy(model_dir: str, prompts: Sequence[list[int]], max_tokens: int, top
     for ids in prompts:
         x = torch.tensor([ids])
         with torch.no_grad():
-            g = model.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                               output_scores=True, return_dict_in_generate=True, eos_token_id=None,
-                               pad_token_id=0)
+            # Raw logits (not processed scores) and an explicit mask: id 0 may be a real token.
+            g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True,
+                               eos_token_id=None, pad_token_id=None)
         toks = g.sequences[0, x.shape[1]:].tolist()
+        assert len(toks) == max_tokens
         lps = []
-        for step, tok in zip(g.scores, toks):
+        for step, tok in zip(g.logits, toks):
             logp = torch.log_softmax(step[0].float(), -1)
             vals, idx = logp.topk(top_k)
             d = {int(k): float(v) for k, v in zip(idx, vals)}

@@ -63,14 +63,28 @@ def backends_for_platform(platform: str, compute_capability: float = 0.0) -> tup
     return ("reference",)
 
 
-def resolve_backend(backend: str, interpret: bool = False) -> str:
+def kernel_supports(backend: str, q, kv_pages) -> bool:
+    """Shape/dtype limits of each kernel (so "auto" can fall back to the next backend)."""
+    _, num_q_heads, head_dim = q.shape
+    _, page_size, num_combined, _ = kv_pages.shape
+    group = num_q_heads // max(1, num_combined // 2)
+    if backend == "mosaic_gpu":
+        return (q.dtype in (jnp.bfloat16, jnp.float16) and kv_pages.dtype == q.dtype and head_dim % 64 == 0
+                and page_size % 8 == 0 and page_size <= 256 and group <= 64)
+    if backend == "triton":
+        return head_dim & (head_dim - 1) == 0
+    return True
+
+
+def resolve_backend(backend: str, interpret: bool = False, q=None, kv_pages=None) -> str:
     """Maps ``backend`` ("auto" or a name) to the backend that will run, or raises ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
     platform, cc = platform_info()
     native = backends_for_platform(platform, cc)
     if backend == "auto":
-        return next(b for b in native if b == "reference" or kernel_available(b))
+        return next(b for b in native if b == "reference" or (
+            kernel_available(b) and (q is None or kernel_supports(b, q, kv_pages))))
     if backend in native or (interpret and backend in INTERPRETABLE):
         return backend
     where = f"{platform} (compute capability {cc})" if platform == "gpu" else platform
@@ -205,7 +219,7 @@ def ragged_paged_attention(
     validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
                     sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale,
                     v_scale=v_scale)
-    backend = resolve_backend(backend, interpret)
+    backend = resolve_backend(backend, interpret, q, kv_pages)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   k_scale=k_scale, v_scale=v_scale)
     if backend == "reference":

@@ -63,7 +63,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: 256 on accelerators, 32 on CPU (see EngineConfig.finalize)
     max_num_batched_tokens: int | None = None
     policy: str = "fcfs"
     max_model_len: int = 0  # filled in by EngineConfig.finalize
@@ -72,7 +72,8 @@ class SchedulerConfig:
     num_decode_steps: int = 8
 
     def __post_init__(self):
-        _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _check(self.max_num_seqs is None or self.max_num_seqs >= 1, "max_num_seqs",
+               f"must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                "max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
         _check(1 <= self.num_decode_steps <= 64, "num_decode_steps",
@@ -133,17 +134,23 @@ class EngineConfig:
             **groups[EngineConfig],
         )
 
-    def finalize(self, model_max_len: int) -> "EngineConfig":
-        """Resolve max_model_len and max_num_batched_tokens against the checkpoint's limit."""
+    def finalize(self, model_max_len: int, platform: str = "gpu") -> "EngineConfig":
+        """Resolve max_model_len, max_num_seqs and max_num_batched_tokens against the checkpoint's
+        limit and the platform. Unset, they are sized for an accelerator (256 sequences, a
+        2048–8192 token budget), or on CPU for a quick start (32 sequences, 512 tokens: every
+        bucket is compiled at start-up, and a CPU compiles slowly)."""
         mc = self.model_config
         max_len = mc.max_model_len or model_max_len
         if mc.max_model_len is not None and mc.max_model_len > model_max_len:
             raise ValueError(f"max_model_len: {mc.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({model_max_len})")
         sc = self.scheduler_config
-        mnbt = sc.max_num_batched_tokens or max(2048, min(max_len, 8192))
+        cpu = platform == "cpu"
+        mns = sc.max_num_seqs or (32 if cpu else 256)
+        mnbt = sc.max_num_batched_tokens or (512 if cpu else max(2048, min(max_len, 8192)))
         return dataclasses.replace(
             self,
             model_config=dataclasses.replace(mc, max_model_len=max_len),
-            scheduler_config=dataclasses.replace(sc, max_num_batched_tokens=mnbt, max_model_len=max_len),
+            scheduler_config=dataclasses.replace(sc, max_num_seqs=mns, max_num_batched_tokens=mnbt,
+                                                 max_model_len=max_len),
         )

@@ -40,6 +40,9 @@ class Scheduler:
         if not scheduler_config.max_num_batched_tokens:
             raise ValueError("max_num_batched_tokens: must be >= 1 (resolve it with EngineConfig.finalize), "
                              f"got {scheduler_config.max_num_batched_tokens}")
+        if not scheduler_config.max_num_seqs:
+            raise ValueError("max_num_seqs: must be >= 1 (resolve it with EngineConfig.finalize), "
+                             f"got {scheduler_config.max_num_seqs}")
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.max_num_seqs = scheduler_config.max_num_seqs

@@ -95,7 +95,8 @@ def load_everything(config: EngineConfig, *, progress: bool = True, mesh=None) -
     mc = config.model_config
     path = resolve_model_path(mc.model)
     hf_config = AutoConfig.from_pretrained(path)
-    config = config.finalize(getattr(hf_config, "max_position_embeddings", 2048))
+    import jax
+    config = config.finalize(getattr(hf_config, "max_position_embeddings", 2048), platform=jax.default_backend())
     mc = config.model_config
     tokenizer = load_tokenizer(mc.tokenizer or path)
     dtype = resolve_dtype(mc.dtype, hf_config)

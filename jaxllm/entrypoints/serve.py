@@ -215,6 +215,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssl-keyfile", default=None, help="PEM private key for gRPC TLS")
     g.add_argument("--served-model-name", default=None, help="model name in the OpenAI API (default: --model)")
     g.add_argument("--log-interval", type=float, default=5.0, help="seconds between throughput log lines")
+    g.add_argument("--profile", default=None, metavar="DIR",
+                   help="write a JAX profiler trace (Perfetto / TensorBoard) from start-up until shutdown")
 
 
 def add_serve_args(subparsers) -> argparse.ArgumentParser:
@@ -273,6 +275,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
         return await serve_engine(engine, opts, stop, ready)
 
+    if getattr(args, "profile", None):
+        import jax
+        jax.profiler.start_trace(args.profile)
+        try:
+            return asyncio.run(main())
+        finally:
+            jax.profiler.stop_trace()
+            logger.info("profiler trace written to %s", args.profile)
     return asyncio.run(main())
 
 

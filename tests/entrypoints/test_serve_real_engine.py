@@ -48,6 +48,7 @@ class FaultInjector:
     def __init__(self, engine):
         self._engine = engine
         self.fail = False
+        self.step_delay_s = 0.0  # slows every step (so a deadline reliably expires mid-request)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -55,6 +56,8 @@ class FaultInjector:
     def step(self):
         if self.fail:
             raise RuntimeError("injected failure in the real engine's step")
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         return self._engine.step()
 
 
@@ -157,8 +160,13 @@ def test_cancel_and_deadline_free_every_block(served, client):
     next(it)
     it.close()
     wait_all_blocks_free(client)
-    with pytest.raises(grpc.RpcError) as ei:
-        list(client.generate_stream(PROMPTS[1], max_tokens=200, ignore_eos=True, timeout=0.3))
+    proxy = served[1]
+    proxy.step_delay_s = 0.05  # 200 tokens take >= 25 steps (8 per dispatch): well past the deadline
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            list(client.generate_stream(PROMPTS[1], max_tokens=200, ignore_eos=True, timeout=0.3))
+    finally:
+        proxy.step_delay_s = 0.0
     assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     info = wait_all_blocks_free(client)
     assert info.kv_blocks_total > 0

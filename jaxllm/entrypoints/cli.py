@@ -178,7 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n_in = sum(len(o.prompt_token_ids) for o in results.values())
     gen_s = t_end - t_gen
     ttft = (first_token_at - t_gen) if first_token_at else float("nan")
-    print(f"[jaxllm] start-up {t_ready - t0:.1f}s (load {engine.load_time_s - 0:.1f}s incl. compile "
+    print(f"[jaxllm] start-up {t_ready - t0:.1f}s (load {engine.load_time_s:.1f}s, compile "
           f"{engine.compile_time_s:.1f}s); {len(prompts)} prompts, {n_in} prompt + {n_out} generated tokens in "
           f"{gen_s:.2f}s: {n_out / gen_s:.1f} output tok/s, {(n_in + n_out) / gen_s:.1f} total tok/s, "
           f"TTFT {ttft * 1000:.0f} ms; compilations {engine.num_compilations}", file=sys.stderr)

@@ -14,9 +14,6 @@ from jaxllm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
-
-
 @dataclass
 class Loaded:
     config: EngineConfig
@@ -45,14 +42,6 @@ def resolve_model_path(model: str) -> str:
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise FileNotFoundError(f"model: no config.json in {model!r}")
     return model
-
-
-def resolve_dtype(name: str, hf_config) -> jnp.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    cfg_dtype = str(cfg_dtype).replace("torch.", "") if cfg_dtype is not None else "float32"
-    return _DTYPES.get(cfg_dtype, jnp.float32)
 
 
 def load_tokenizer(path: str):
@@ -88,6 +77,7 @@ def eos_ids(path: str, hf_config, tokenizer) -> set[int]:
 def load_everything(config: EngineConfig, *, progress: bool = True, mesh=None) -> Loaded:
     from transformers import AutoConfig
 
+    from jaxllm.models.hf_config import resolve_dtype
     from jaxllm.models.loader import load_model
     from jaxllm.parallel.mesh import kv_cache_sharding, make_mesh
     from jaxllm.runner.model_runner import ModelRunner

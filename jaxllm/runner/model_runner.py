@@ -104,6 +104,7 @@ class ModelRunner:
         self.buckets: list[Bucket] = make_buckets(sc.max_num_batched_tokens, sc.max_num_seqs)
 
         self.graphdef, self.state = nnx.split(model)
+        self.hidden_size = model.config.hidden_size
         num_layers, num_kv_heads, head_dim = model.kv_cache_spec
         self.kv_dtype = model.dtype if hasattr(model, "dtype") else jnp.float32
         self._step = jax.jit(functools.partial(_step_fn, self.graphdef), donate_argnums=(1,))
@@ -194,8 +195,7 @@ class ModelRunner:
         lp_jobs = {}
         for b in self.buckets:
             hidden = self._programs[("step", b)].output_shardings[2]
-            d = self.state["model"]["norm"]["weight"][...].shape[0]
-            abstract = jax.ShapeDtypeStruct((b.num_tokens, d), self.kv_dtype, sharding=hidden)
+            abstract = jax.ShapeDtypeStruct((b.num_tokens, self.hidden_size), self.kv_dtype, sharding=hidden)
             lp_jobs[("lp", b.num_tokens)] = (self._prompt_lp, (self.state, abstract,
                                                                np.zeros(b.num_tokens, np.int32)))
         self._compile_jobs(lp_jobs, "Compiling prompt logprobs", progress)

@@ -14,6 +14,8 @@
 #   hf_latency_8b    the peer's batch-1 TTFT / TPOT (static cache; eager unless HF_COMPILE=1)
 #   hf_generate_8b   (not by default) the peer's static-cache generate() in batches of 64
 #   latency_small    jaxllm bench latency qwen2.5-0.5b (a small engine: fewer programs to compile)
+#   serve_8b         `jaxllm serve` llama-3.1-8b in the background, then `jaxllm bench serve` at fixed
+#                    concurrency 1, 16 and 64 (SERVE_IN / SERVE_OUT; 16, 128, 256 prompts)
 # Writes $OUT/*.json, $OUT/summary.md (python -m jaxllm.bench.report) and $OUT/log.
 #
 # Needs no network and no install: PYTHONPATH=. (the device image has jax+CUDA, flax, transformers,
@@ -95,6 +97,10 @@ step hf_latency_8b 60 0 $PY tools/bench_hf_peer.py latency --model "$MODEL_8B" -
 step latency_small 150 0 $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_SMALL" $SMALL_ENGINE_FLAGS \
   --batch-size 1 --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters "$LAT_ITERS" \
   --num-iters-warmup "$LAT_WARMUP" --disable-tqdm --output-json "$OUT/latency_qwen05b.json"
+
+SERVE_IN=${SERVE_IN:-1024}; SERVE_OUT=${SERVE_OUT:-128}; SERVE_CONC=${SERVE_CONC:-"1 16 64"}
+export SERVE_IN SERVE_OUT SERVE_CONC MODEL_8B ENGINE_FLAGS OUT PY
+step serve_8b 240 0 bash tools/serve_bench_h100.sh
 
 $PY -m jaxllm.bench.report "$OUT" --out "$OUT/summary.md" >/dev/null
 { echo "## Steps"; echo; for s in "${STATUS[@]}"; do echo "- $s"; done; echo; echo "total $((SECONDS - START))s"; } \

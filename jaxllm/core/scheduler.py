@@ -16,6 +16,17 @@ the end of ``schedule()``; ``ScheduledRequest.num_computed_tokens`` keeps the va
 ``update_from_output`` appends sampled tokens and checks stops (and, if the runner returned fewer
 tokens than scheduled, pulls ``num_computed_tokens`` back to ``num_tokens - 1``). Call
 ``finish_requests`` between steps (after ``update_from_output``), never while a step is running.
+
+Asynchronous scheduling (``SchedulerConfig.async_scheduling``; the engine drives it): the engine
+may call ``schedule()`` for step t+1 *before* ``update_from_output`` of step t. A token that step t
+will sample is then *in flight*: ``num_pending_tokens(request)`` counts it, the request's target
+is ``num_tokens + pending`` so step t+1 may already schedule its decode (the runner feeds the
+in-flight token from the device), and no step is scheduled past ``max_tokens``. When step t's
+tokens arrive, ``update_from_output`` appends them and lowers the pending count. A request that
+finishes at step t may have one more step in flight: its tokens are dropped (it is finished).
+Freeing blocks while a step is in flight is safe because the device runs steps in order: a later
+step that reuses a freed block writes it after the in-flight step is done with it. With at most
+one step in flight (the engine's rule) a scheduled chunk has at most one unknown token, its last.
 """
 
 from __future__ import annotations
@@ -58,6 +69,20 @@ class Scheduler:
         # Ids finished since the last schedule(); reported in the next SchedulerOutput.
         self.finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        # request_id -> tokens that scheduled, not yet returned steps will sample (async scheduling).
+        self._pending: dict[str, int] = {}
+        # id(SchedulerOutput) -> {request_id: tokens that step samples}: lowers _pending on its return.
+        self._sampled_by_step: dict[int, dict[str, int]] = {}
+
+    def num_pending_tokens(self, request: Request) -> int:
+        """Tokens of ``request`` sampled by steps in flight (0 unless scheduling asynchronously)."""
+        return self._pending.get(request.request_id, 0)
+
+    def _may_generate(self, request: Request) -> int:
+        """How many more tokens the request may sample beyond the known and in-flight ones."""
+        pending = self._pending.get(request.request_id, 0)
+        return min(request.max_tokens - request.num_output_tokens - pending,
+                   self.max_model_len - request.num_tokens - pending)
 
     # ---- admission ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -93,8 +118,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget,
+            pending = self._pending.get(request.request_id, 0)
+            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget,
                           self.max_model_len - request.num_computed_tokens)
+            if pending and self._may_generate(request) <= 0:
+                num_new = 0  # its in-flight token is its last: nothing more to compute
             if num_new <= 0:
                 i += 1
                 continue
@@ -137,8 +165,7 @@ class Scheduler:
                 budget -= num_new
 
         # The step's tokens count as computed from now on (see the module docstring).
-        for sr in scheduled.values():
-            sr.request.num_computed_tokens += sr.num_scheduled_tokens
+        sampled = {sr.request_id: n for sr in scheduled.values() if (n := self._advance(sr, 1))}
         out = SchedulerOutput(
             scheduled=list(scheduled.values()),
             total_num_scheduled_tokens=sum(sr.num_scheduled_tokens for sr in scheduled.values()),
@@ -146,6 +173,7 @@ class Scheduler:
             finished_req_ids=self.finished_req_ids,
         )
         self.finished_req_ids = set()
+        self._record_sampled(out, sampled)
         return out
 
     def schedule_decode_steps(self, num_steps: int) -> SchedulerOutput | None:
@@ -158,29 +186,54 @@ class Scheduler:
         """
         if len(self.waiting) or not self.running:
             return None
+        reqs: list[Request] = []
         steps: list[int] = []
         for r in self.running:
-            if r.num_computed_tokens != r.num_tokens - 1:
+            pending = self._pending.get(r.request_id, 0)
+            if r.num_computed_tokens != r.num_tokens + pending - 1:
                 return None
-            steps.append(max(1, min(num_steps, r.max_tokens - r.num_output_tokens,
+            room = self._may_generate(r)
+            if pending and room <= 0:
+                continue  # its in-flight tokens are its last
+            reqs.append(r)
+            steps.append(max(1, min(num_steps, room,
                                     self.max_model_len - r.num_computed_tokens)))
-        if max(steps) < 2:
+        if not steps or max(steps) < 2:
             return None
         kv = self.kv_cache_manager
         needed = sum(max(0, cdiv(r.num_computed_tokens + n, self.block_size) - len(kv.get_block_ids(r)))
-                     for r, n in zip(self.running, steps))
+                     for r, n in zip(reqs, steps))
         if needed > kv.num_free_blocks:
             return None
-        scheduled = []
-        for r, n in zip(self.running, steps):
+        scheduled, sampled = [], {}
+        for r, n in zip(reqs, steps):
             if kv.allocate_slots(r, n) is None:  # cannot happen after the check above
                 raise RuntimeError(f"KV allocation failed for {r.request_id} after the free-block check")
             scheduled.append(ScheduledRequest(r, r.num_computed_tokens, n, kv.get_block_ids(r)))
-            r.num_computed_tokens += n
+            sampled[r.request_id] = self._advance(scheduled[-1], num_steps)
         out = SchedulerOutput(scheduled=scheduled, total_num_scheduled_tokens=sum(steps),
                               finished_req_ids=self.finished_req_ids, num_decode_steps=num_steps)
         self.finished_req_ids = set()
+        self._record_sampled(out, sampled)
         return out
+
+    def _advance(self, sr: ScheduledRequest, num_decode_steps: int) -> int:
+        """Count a scheduled chunk as computed and its sampled tokens as pending until they arrive."""
+        request = sr.request
+        rid = request.request_id
+        pending = self._pending.get(rid, 0)
+        if num_decode_steps > 1:
+            n = sr.num_scheduled_tokens
+        else:  # a chunk samples when it reaches the last (known or in-flight) token
+            n = int(sr.num_computed_tokens + sr.num_scheduled_tokens >= request.num_tokens + pending)
+        request.num_computed_tokens += sr.num_scheduled_tokens
+        if n:
+            self._pending[rid] = pending + n
+        return n
+
+    def _record_sampled(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+        if sampled:
+            self._sampled_by_step[id(out)] = sampled
 
     def _pick_victim(self) -> Request:
         if self.policy == "priority":
@@ -206,21 +259,31 @@ class Scheduler:
         changed: list[Request] = []
         finished: list[Request] = []
         now = time.monotonic()
+        sampled = self._sampled_by_step.pop(id(scheduler_output), {})
         for sr in scheduler_output.scheduled:
             request = sr.request
-            if request.is_finished() or request.request_id not in self.requests:
-                continue  # aborted since the step was scheduled
-            new_tokens = model_runner_output.sampled_token_ids.get(request.request_id) or []
+            rid = request.request_id
+            if request.is_finished() or rid not in self.requests:
+                continue  # finished since the step was scheduled (abort, or a stop in the step before)
+            pending = self._pending.pop(rid, 0) - sampled.get(rid, 0)
+            if pending > 0:
+                self._pending[rid] = pending
+            queued = request.status != RequestStatus.RUNNING  # preempted while this step ran (async)
+            new_tokens = model_runner_output.sampled_token_ids.get(rid) or []
             for token in new_tokens:
                 request.append_output_token_ids([token])
                 if self._check_stop(request, token):
                     finished.append(request)
+                    if queued:
+                        self.waiting.remove(request)
                     break
             # The newest token never has KV yet. If the runner returned fewer tokens than the step
             # scheduled (none at all, or a multi-step decode cut short), recompute from there
-            # instead of leaving a request with nothing left to schedule.
-            if request.num_computed_tokens > request.num_tokens - 1:
-                request.num_computed_tokens = request.num_tokens - 1
+            # instead of leaving a request with nothing left to schedule. Tokens of a step still
+            # in flight (async scheduling) count as known here.
+            limit = request.num_tokens + max(pending, 0) - 1
+            if request.num_computed_tokens > limit:
+                request.num_computed_tokens = limit
             if not new_tokens:
                 continue
             if request.first_token_time is None:
@@ -252,6 +315,7 @@ class Scheduler:
         return False
 
     def _retire(self, request: Request) -> None:
+        self._pending.pop(request.request_id, None)
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)

@@ -1,9 +1,10 @@
 """Correctness check of the GPU ragged paged attention backends against the reference.
 
 Runs on a GPU host (see BENCHMARKS.md for the exact device command). For every case it draws
-fresh random bf16 inputs, fills every page that no sequence owns with NaN (and points the unused
-tail of each page-table row at those NaN pages), runs each backend and compares with
-``ref_ragged_paged_attention`` evaluated in float32 on NaN-free pages:
+fresh random bf16 inputs, fills every KV slot no query may see with NaN (pages no sequence
+owns, to which the unused tail of each page-table row points; the slots past kv_len in each
+sequence's last page; the slots before the sliding window of its first query), runs each
+backend and compares with ``ref_ragged_paged_attention`` evaluated in float32 on NaN-free pages:
 rel = ||out - ref|| / ||ref|| must be < 1e-2 and the output NaN-free.
 
     python3 tools/gpu_kernel_check.py [--backends triton,mosaic_gpu] [--json out.json]
@@ -74,7 +75,7 @@ def cases(rng: np.random.Generator) -> list[Case]:
 
 
 def make_inputs(case: Case, rng: np.random.Generator):
-    """bf16 inputs with NaN in every page no sequence owns; also the NaN-free f32 kv for ref."""
+    """bf16 inputs with NaN in every slot no query may see; also the NaN-free f32 kv for ref."""
     s = case.max_seqs or len(case.q_lens)
     n = len(case.q_lens)
     ql = np.zeros(s, np.int32)
@@ -96,8 +97,15 @@ def make_inputs(case: Case, rng: np.random.Generator):
         off += used[i]
     kv = rng.standard_normal((num_pages, case.ps, 2 * case.hkv, case.d)).astype(np.float32)
     kv_clean = kv.copy()
-    kv[free] = np.nan
-    kv_clean[free] = 0.0
+    # NaN wherever no query may look: free pages, the tail of each seq's last page, and the
+    # slots before the sliding window of its first query (inside pages it does read).
+    visible = np.zeros((num_pages, case.ps), bool)
+    for i in range(n):
+        first = 0 if case.window is None else max(int(kl[i] - ql[i]) - case.window + 1, 0)
+        pos = np.arange(first, int(kl[i]))
+        visible[pi[i, pos // case.ps], pos % case.ps] = True
+    kv[~visible] = np.nan
+    kv_clean[~visible] = 0.0
     q = rng.standard_normal((t, case.hq, case.d)).astype(np.float32)
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
     args = (bf(q), bf(kv), jnp.asarray(kl), jnp.asarray(pi), jnp.asarray(cu),

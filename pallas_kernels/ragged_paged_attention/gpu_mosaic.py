@@ -30,12 +30,12 @@ from pallas_kernels.ragged_paged_attention import gpu_common
 BLOCK_M = 64                    # rows per program: one warpgroup's wgmma M
 _MASK = -1e30                   # finite: fully masked rows stay NaN-free, later tiles wipe them
 _LOG2E = 1.4426950408889634
-# meta columns (i32[NB, 8]) of each row block.
-_SEQ, _ROW0, _QPOS0, _R0, _KVLEN, _TBEG, _TEND, _LASTCOL = range(8)
+# meta columns (i32[NB, 9]) of each row block; keys [_LO, hi) may be seen by some row of it.
+_SEQ, _ROW0, _QPOS0, _R0, _KVLEN, _TBEG, _TEND, _LASTCOL, _LO = range(9)
 
 
 def _block_meta(kv_lens, cu_q_lens, num_seqs, *, group, nb, block_n, page_size, window):
-    """i32[NB, 8] metadata per row block (see the column names above)."""
+    """i32[NB, 9] metadata per row block (see the column names above)."""
     cu_rows = cu_q_lens * group
     blk_seq, blk_r0 = gpu_common.q_block_table(cu_rows, num_seqs, nb, BLOCK_M)
     seq = jnp.maximum(blk_seq, 0)
@@ -53,7 +53,7 @@ def _block_meta(kv_lens, cu_q_lens, num_seqs, *, group, nb, block_n, page_size, 
     tend = jnp.where(blk_seq < 0, tbeg, tend)
     lastcol = jnp.maximum((kv_len + page_size - 1) // page_size - 1, 0)
     row0 = cu_rows[seq] + blk_r0
-    return jnp.stack([blk_seq, row0, qpos0, blk_r0, kv_len, tbeg, tend, lastcol],
+    return jnp.stack([blk_seq, row0, qpos0, blk_r0, kv_len, tbeg, tend, lastcol, lo],
                      axis=1).astype(jnp.int32)
 
 
@@ -71,6 +71,7 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_s
     tbeg = meta_ref[b, _TBEG]
     tend = meta_ref[b, _TEND]
     lastcol = meta_ref[b, _LASTCOL]
+    lo = meta_ref[b, _LO]
     if num_splits > 1:
         per = (tend - tbeg + num_splits - 1) // num_splits
         tbeg = jnp.minimum(tbeg + sp * per, tend)
@@ -133,6 +134,8 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_s
         l_i = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(v_bar.at[slot])
+        _zero_invisible_v(v_smem.at[slot], tile, kv_len, lo, block_n=block_n, window=window,
+                          iota=iota)
 
         def pv(acc_ref):
             plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
@@ -158,9 +161,34 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_s
     plgpu.wait_smem_to_gmem(0)
 
 
+def _zero_invisible_v(v_ref, tile, kv_len, lo, *, block_n, window, iota):
+    """Zeroes the V rows of a boundary KV tile that no query of the block may see.
+
+    P is 0 at those keys, but they may hold anything (NaN in a never-written slot) and 0 * NaN
+    is NaN in the PV matmul. Only two tiles can hold such keys: the one with key kv_len - 1
+    (slots past kv_len in the last, partly used page, and re-read clamped pages), and with a
+    sliding window the one with key ``lo`` (slots before the block's window). K needs nothing:
+    its NaN reaches only S entries that ``where(mask, s, _MASK)`` replaces.
+    """
+    last = (tile == (kv_len - 1) // block_n) & (lax.rem(kv_len, jnp.int32(block_n)) != 0)
+    need = last
+    if window is not None:
+        need = need | ((tile == lo // block_n) & (lax.rem(lo, jnp.int32(block_n)) != 0))
+
+    @pl.when(need)
+    def _():
+        k_pos = tile * block_n + iota(jnp.int32, v_ref.shape, 0)   # [BN, D] key position
+        ok = k_pos < kv_len
+        if window is not None:
+            ok = ok & (k_pos >= lo)
+        v = v_ref[...]                                             # v: [BN, D]
+        v_ref[...] = jnp.where(ok, v, jnp.zeros_like(v))
+        plgpu.commit_smem()   # make the stores visible to wgmma (async proxy), sync the WG
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale",
                                              "v_scale", "interpret", "num_splits", "stages",
-                                             "lowering"))
+                                             "lowering", "block_n"))
 def ragged_paged_attention_mosaic_gpu(
     q: jax.Array,             # [T, num_q_heads, head_dim]
     kv_pages: jax.Array,      # [num_pages, page_size, 2 * num_kv_heads, head_dim]
@@ -178,11 +206,14 @@ def ragged_paged_attention_mosaic_gpu(
     num_splits: int | None = None,
     stages: int = 3,
     lowering: str | None = None,
+    block_n: int | None = None,
 ) -> jax.Array:               # [T, num_q_heads, head_dim]
     """Ragged paged attention (contract of ``pallas_kernels.ragged_paged_attention``) on Hopper.
 
-    Needs bf16/f16 q and kv_pages, head_dim a multiple of 64, page_size a multiple of 8 (<= 256).
-    ``num_splits`` (None: picked from the static shapes) and ``stages`` are tuning knobs;
+    Needs bf16/f16 q and kv_pages, head_dim a multiple of 64, page_size a power of two in
+    [8, 256]. ``num_splits`` (KV splits per row block; None: picked from the static shapes),
+    ``stages`` (KV tiles in flight) and ``block_n`` (keys per KV tile: a multiple of 64 and of
+    page_size, <= 256; None: max(64, page_size)) are tuning knobs;
     ``lowering`` ("Lane" / "Warpgroup" / None: JAX's default) picks Mosaic GPU's semantics.
     """
     gpu_common.check_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -196,14 +227,19 @@ def ragged_paged_attention_mosaic_gpu(
         raise ValueError(f"q: dtype must be bfloat16 or float16, got {q.dtype}")
     if d % 64:
         raise ValueError(f"q: head_dim must be a multiple of 64 for mosaic_gpu, got {d}")
-    if ps % 8 or ps > 256:
-        raise ValueError(f"kv_pages: page_size must be a multiple of 8 in [8, 256], got {ps}")
+    if ps < 8 or ps > 256 or ps & (ps - 1):
+        raise ValueError(f"kv_pages: page_size must be a power of two in [8, 256], got {ps}")
     if group > BLOCK_M:
         raise ValueError(f"q: num_q_heads / num_kv_heads must be <= {BLOCK_M}, got {group}")
     if stages < 1:
         raise ValueError(f"stages: must be >= 1, got {stages}")
+    if num_splits is not None and not 1 <= num_splits <= 64:
+        raise ValueError(f"num_splits: must be None or in [1, 64], got {num_splits}")
+    block_n = block_n or max(64, ps)
+    if block_n % 64 or block_n % ps or block_n > 256:
+        raise ValueError(f"block_n: must be a multiple of 64 and of page_size ({ps}) in "
+                         f"[64, 256], got {block_n}")
     kv = kv_pages.astype(q.dtype)   # fp8 caches: one cast (TODO: in-kernel dequant)
-    block_n = max(64, ps)
     n_rows = t * group
     nb = gpu_common.num_q_blocks(n_rows, s, BLOCK_M)
     ns = num_splits or _pick_splits(nb * hkv, p * ps, block_n)

@@ -7,6 +7,10 @@ SamplingMetadata)`` device pytrees → the jitted step.
 Token i of the flat batch belongs to sequence ``s`` with ``cu_q_lens[s] <= i < cu_q_lens[s+1]``;
 padding tokens come after the last real one, write their KV to slot -1 (dropped) and belong to
 no sequence. Padding sequences have kv_len 0 and an empty token range.
+
+Asynchronous scheduling: a chunk may end in a token the previous (still running) step samples.
+Its ``input_ids`` entry is 0 and ``prev_rows`` names the row of the previous step's on-device
+``next_tokens`` that holds it; the jitted step gathers it there (``prev_rows == -1``: known token).
 """
 
 from __future__ import annotations
@@ -49,13 +53,22 @@ class HostBatch:
     hist_ids: np.ndarray | None  # i32[S, H] only when a row uses penalties
     any_top_k_top_p: bool
     any_logprobs: bool
+    prev_rows: np.ndarray        # i32[T]   row of the previous step's next_tokens, -1: input_ids holds it
 
 
 def pack_batch(so: SchedulerOutput, bucket: Bucket, block_size: int, pages_per_seq: int,
-               hist_len: int) -> HostBatch:
+               hist_len: int, prev_rows: dict[str, int] | None = None) -> HostBatch:
+    """Pack ``so`` into arrays padded to ``bucket``.
+
+    Args:
+      prev_rows: request_id -> its row in the previous step's ``next_tokens``, for requests whose
+        chunk ends in the token that step samples (async scheduling). Such a chunk must have that
+        token, and no other unknown one, as its last.
+    """
     T, S = bucket.num_tokens, bucket.num_seqs
     n_seqs = len(so.scheduled)
     input_ids = np.zeros(T, np.int32)
+    prev = np.full(T, -1, np.int32)
     positions = np.zeros(T, np.int32)
     slot_mapping = np.full(T, -1, np.int32)
     kv_lens = np.zeros(S, np.int32)
@@ -83,7 +96,15 @@ def pack_batch(so: SchedulerOutput, bucket: Bucket, block_size: int, pages_per_s
         req = sr.request
         start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
         end = start + n
-        input_ids[offset:offset + n] = req.all_token_ids[start:end]
+        known = req.num_tokens
+        if end <= known:
+            input_ids[offset:offset + n] = req.all_token_ids[start:end]
+        else:  # the last token is in flight: the device takes it from the previous step
+            row = (prev_rows or {}).get(req.request_id)
+            if n != 1 or row is None:
+                raise RuntimeError(f"{req.request_id}: chunk [{start}, {end}) needs tokens past the "
+                                   f"{known} known ones that the previous step does not provide")
+            prev[offset] = row
         pos = np.arange(start, end, dtype=np.int32)
         positions[offset:offset + n] = pos
         blocks = np.asarray(sr.block_ids, np.int32)
@@ -104,14 +125,19 @@ def pack_batch(so: SchedulerOutput, bucket: Bucket, block_size: int, pages_per_s
         frequency[i] = sp.frequency_penalty
         repetition[i] = sp.repetition_penalty
         seeds[i] = req.seed & 0xFFFFFFFF
-        steps[i] = req.num_output_tokens
+        # Output index of the token this chunk samples (known + in-flight outputs before it).
+        num_out = max(0, end - req.num_prompt_tokens)
+        steps[i] = num_out
         prompt_lens[i] = req.num_prompt_tokens
         any_tkp |= sp.top_k > 0 or sp.top_p < 1.0
         any_lp |= sp.logprobs is not None
-        if req.num_output_tokens < sp.min_tokens:
+        if num_out < sp.min_tokens:
             ban = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(req.eos_token_ids)))
             banned[i, :len(ban)] = ban[:MAX_BANNED]
         if sp.uses_penalties and sr.samples:
+            if end > known:
+                raise RuntimeError(f"{req.request_id}: penalties need the whole history, but a token "
+                                   f"is in flight (the engine must not overlap this step)")
             if hist_ids is None:
                 hist_ids = np.full((S, hist_len), -1, np.int32)
             toks = req.all_token_ids[:hist_len]
@@ -119,4 +145,4 @@ def pack_batch(so: SchedulerOutput, bucket: Bucket, block_size: int, pages_per_s
     cu_q_lens[n_seqs + 1:] = offset
     return HostBatch(bucket, offset, n_seqs, input_ids, positions, slot_mapping, kv_lens, page_indices,
                      cu_q_lens, logits_indices, temperature, top_k, top_p, min_p, presence, frequency,
-                     repetition, seeds, steps, prompt_lens, banned, hist_ids, any_tkp, any_lp)
+                     repetition, seeds, steps, prompt_lens, banned, hist_ids, any_tkp, any_lp, prev)

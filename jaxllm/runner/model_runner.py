@@ -1,7 +1,13 @@
 """ModelRunner: host → device. Packs each SchedulerOutput and runs ONE jitted step.
 
-``step(state, kv_caches[donated], input_ids, attn_md, logits_indices, sampling_md)
-    -> (kv_caches, SamplerOutput, hidden)``
+``step(state, kv_caches[donated], input_ids, attn_md, logits_indices, prev_tokens, prev_rows, sampling_md)
+    -> (kv_caches, (SamplerOutput, next_tokens), hidden)``
+
+``dispatch`` packs and launches a step without waiting for it (JAX dispatch is asynchronous) and
+returns a ``StepHandle``; ``collect`` reads its sampled ids back (the one device → host sync).
+``execute`` is the two in a row. With async scheduling the engine dispatches step t+1 before it
+collects step t: a token step t samples reaches step t+1 on device, through ``next_tokens``
+(i32[S_max], the last token each row sampled) and the next step's ``prev_rows`` (see runner.batch).
 
 The NNX graph is split from its state once (``nnx.split``) and the jitted function is pure in the
 state, so the traced program does not carry Python module structure and tracing is cheap. The KV
@@ -40,24 +46,39 @@ logger = logging.getLogger(__name__)
 NUM_LOGPROBS = 20
 
 
-def _step_fn(graphdef, state, kv_caches, input_ids, attn_md, logits_indices, sampling_md):
+def _take_prev(input_ids, prev_tokens, prev_rows):
+    """input_ids [N] with the in-flight tokens of the previous step filled in (prev_rows >= 0)."""
+    return jnp.where(prev_rows >= 0, prev_tokens[jnp.maximum(prev_rows, 0)], input_ids)
+
+
+def _pad_rows(x, size: int):
+    """[S] → [size] (zeros past S): next_tokens has one static shape whatever the bucket."""
+    return jnp.zeros((size,), x.dtype).at[:x.shape[0]].set(x)
+
+
+def _step_fn(graphdef, state, kv_caches, input_ids, attn_md, logits_indices, prev_tokens, prev_rows,
+             sampling_md):
     model = nnx.merge(graphdef, state)
+    input_ids = _take_prev(input_ids, prev_tokens, prev_rows)  # [T]
     kv_caches, hidden = model(kv_caches, input_ids, attn_md)   # hidden: [T, D]
     logits = model.compute_logits(hidden[logits_indices])       # [S, V]
     out = sample(logits, sampling_md, NUM_LOGPROBS)
-    return kv_caches, out, hidden
+    next_tokens = _pad_rows(out.token_ids, prev_tokens.shape[0])  # [S_max]
+    return kv_caches, (out, next_tokens), hidden
 
 
 def _multi_decode_fn(graphdef, block_size, num_steps, state, kv_caches, input_ids, positions, page_indices,
-                     max_steps, num_seqs, sampling_md):
+                     max_steps, num_seqs, prev_tokens, prev_rows, sampling_md):
     """``num_steps`` decode steps in one dispatch: each samples a token and feeds it back on device.
 
-    input_ids / positions / max_steps: [S] (the last known token of each sequence, its position,
-    and how many of the steps it may take: a row past its max_steps writes no KV). Returns the
-    sampled tokens, their logprobs and top-k as [num_steps, S, ...] arrays.
+    input_ids / positions / max_steps / prev_rows: [S] (the last token of each sequence, or its row
+    in prev_tokens if the previous step is still sampling it, its position, and how many of the
+    steps it may take: a row past its max_steps writes no KV). Returns the sampled tokens, their
+    logprobs and top-k as [num_steps, S, ...] arrays, and next_tokens [S_max] (each row's last).
     """
     model = nnx.merge(graphdef, state)
     S, P = page_indices.shape
+    input_ids = _take_prev(input_ids, prev_tokens, prev_rows)
     rows = jnp.arange(S, dtype=jnp.int32)
     real = rows < num_seqs[0]
     cu_q_lens = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), num_seqs[0])
@@ -81,7 +102,8 @@ def _multi_decode_fn(graphdef, block_size, num_steps, state, kv_caches, input_id
             jnp.zeros((num_steps, S, NUM_LOGPROBS), jnp.int32),
             jnp.zeros((num_steps, S, NUM_LOGPROBS), jnp.float32))
     kv_caches, _, toks, lps, top_ids, top_lps = jax.lax.fori_loop(0, num_steps, body, init)
-    return kv_caches, toks, lps, top_ids, top_lps
+    last = toks[jnp.clip(max_steps - 1, 0, num_steps - 1), rows]                    # [S]
+    return kv_caches, toks, lps, top_ids, top_lps, _pad_rows(last, prev_tokens.shape[0])
 
 
 def _prompt_logprobs_fn(graphdef, state, hidden, target_ids):
@@ -93,6 +115,20 @@ def _prompt_logprobs_fn(graphdef, state, hidden, target_ids):
     return target, top_ids, top_lp
 
 
+@dataclasses.dataclass
+class StepHandle:
+    """A dispatched step whose results may still be computing (see ``ModelRunner.dispatch``)."""
+    so: SchedulerOutput
+    hb: HostBatch
+    outs: tuple                  # device outputs: (SamplerOutput, hidden) or the multi-step arrays
+    next_tokens: jax.Array       # i32[S_max] the last token each row sampled (feeds the next step)
+    rows: dict[str, int]         # request_id -> its row in next_tokens, for requests that sample
+    pack_s: float = 0.0          # host time packing the batch
+    dispatch_s: float = 0.0      # host time launching the program (argument transfer included)
+    wait_s: float = 0.0          # set by collect: blocked on the device for the sampled ids
+    readback_s: float = 0.0      # set by collect: the rest (logprobs, prompt logprobs, Python lists)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: nnx.Module, *, mesh=None, kv_sharding=None):
         self.config = config
@@ -102,6 +138,10 @@ class ModelRunner:
         self.max_model_len = mc.max_model_len
         self.pages_per_seq = math.ceil(self.max_model_len / self.block_size)
         self.buckets: list[Bucket] = make_buckets(sc.max_num_batched_tokens, sc.max_num_seqs)
+        # next_tokens / prev_tokens: one static length for every bucket.
+        self.max_rows = max(b.num_seqs for b in self.buckets)
+        self._no_prev = np.zeros(self.max_rows, np.int32)
+        self._prev_shardings: dict[tuple, object] = {}
 
         self.graphdef, self.state = nnx.split(model)
         self.hidden_size = model.config.hidden_size
@@ -243,17 +283,34 @@ class ModelRunner:
     def _kv(self):
         return self.kv_caches if self.kv_caches is not None else self._kv_abstract
 
-    def _step_args(self, hb: HostBatch) -> tuple:
+    def _step_args(self, hb: HostBatch, prev_tokens=None) -> tuple:
         attn_md = AttentionMetadata(
             input_positions=hb.positions, slot_mapping=hb.slot_mapping, kv_lens=hb.kv_lens,
             page_indices=hb.page_indices, cu_q_lens=hb.cu_q_lens,
             num_seqs=np.array([hb.num_seqs], np.int32))
-        return (self.state, self._kv(), hb.input_ids, attn_md, hb.logits_indices, self._sampling_md(hb))
+        prev = self._prev_input(("step", hb.bucket), 5, prev_tokens)
+        return (self.state, self._kv(), hb.input_ids, attn_md, hb.logits_indices, prev, hb.prev_rows,
+                self._sampling_md(hb))
 
-    def _multi_args(self, hb: HostBatch, max_steps: np.ndarray) -> tuple:
+    def _multi_args(self, hb: HostBatch, max_steps: np.ndarray, prev_tokens=None) -> tuple:
         S = hb.bucket.num_seqs
+        prev = self._prev_input(("decode", S), 7, prev_tokens)
         return (self.state, self._kv(), hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
-                np.array([hb.num_seqs], np.int32), self._sampling_md(hb))
+                np.array([hb.num_seqs], np.int32), prev, hb.prev_rows[:S], self._sampling_md(hb))
+
+    def _prev_input(self, key: tuple, index: int, prev_tokens):
+        """The previous step's next_tokens (on device) as argument ``index`` of program ``key``, on
+        the sharding that program was compiled for; zeros from the host when there is none."""
+        if prev_tokens is None:
+            return self._no_prev
+        want = self._prev_shardings.get(key)
+        if want is None:
+            prog = self._programs.get(key)
+            want = prog.input_shardings[0][index] if prog is not None else False
+            self._prev_shardings[key] = want
+        if want and not prev_tokens.sharding.is_equivalent_to(want, prev_tokens.ndim):
+            prev_tokens = jax.device_put(prev_tokens, want)  # an on-device copy, no host sync
+        return prev_tokens
 
     def _call(self, key, fn, args):
         """The precompiled program for ``key``, or the jit wrapper (compiles lazily) if none."""
@@ -268,30 +325,89 @@ class ModelRunner:
                 out = fn(*args)
         return out if mh is None else mh.local_outputs(key, out)
 
-    def _run(self, hb: HostBatch):
-        self.kv_caches, out, hidden = self._call(("step", hb.bucket), self._step, self._step_args(hb))
-        return out, hidden
+    def _run(self, hb: HostBatch, prev_tokens=None):
+        self.kv_caches, (out, next_tokens), hidden = self._call(("step", hb.bucket), self._step,
+                                                                self._step_args(hb, prev_tokens))
+        return out, hidden, next_tokens
 
-    def _run_multi(self, hb: HostBatch, max_steps: np.ndarray):
-        self.kv_caches, *outs = self._call(("decode", hb.bucket.num_seqs), self._multi_decode,
-                                           self._multi_args(hb, max_steps))
-        return outs
+    def _run_multi(self, hb: HostBatch, max_steps: np.ndarray, prev_tokens=None):
+        self.kv_caches, *outs, next_tokens = self._call(("decode", hb.bucket.num_seqs), self._multi_decode,
+                                                        self._multi_args(hb, max_steps, prev_tokens))
+        return outs, next_tokens
 
     def _mesh_ctx(self):
         """Run jitted code under the engine's mesh: attention layers read it to shard_map the kernel."""
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def _execute_multi(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        """Several decode steps in one dispatch (every scheduled request is a decode)."""
-        S = next(s for s in self.decode_buckets if s >= len(so.scheduled))
-        first = SchedulerOutput(
-            scheduled=[ScheduledRequest(sr.request, sr.num_computed_tokens, 1, sr.block_ids) for sr in so.scheduled],
-            total_num_scheduled_tokens=len(so.scheduled))
-        hb = pack_batch(first, Bucket(S, S), self.block_size, self.pages_per_seq, self.max_model_len)
-        max_steps = np.zeros(S, np.int32)
-        max_steps[:len(so.scheduled)] = [sr.num_scheduled_tokens for sr in so.scheduled]
-        toks, lps, top_ids, top_lps = self._run_multi(hb, max_steps)
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and return its sampled ids (``collect(dispatch(so))``)."""
+        return self.collect(self.dispatch(so))
+
+    def dispatch(self, so: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """Pack ``so`` and launch its program; returns at once (the device may still be running it).
+
+        Args:
+          so: the step. Its chunks may end in a token that ``prev`` samples (async scheduling).
+          prev: the step dispatched just before, when it is not collected yet.
+        """
+        t0 = time.perf_counter()
+        prev_rows = prev.rows if prev is not None else None
+        prev_tokens = prev.next_tokens if prev is not None else None
+        if so.num_decode_steps > 1:  # several decode steps in one dispatch (every request decodes)
+            S = next(s for s in self.decode_buckets if s >= len(so.scheduled))
+            first = SchedulerOutput(
+                scheduled=[ScheduledRequest(sr.request, sr.num_computed_tokens, 1, sr.block_ids)
+                           for sr in so.scheduled],
+                total_num_scheduled_tokens=len(so.scheduled))
+            hb = pack_batch(first, Bucket(S, S), self.block_size, self.pages_per_seq, self.max_model_len,
+                            prev_rows)
+            max_steps = np.zeros(S, np.int32)
+            max_steps[:len(so.scheduled)] = [sr.num_scheduled_tokens for sr in so.scheduled]
+            t1 = time.perf_counter()
+            outs, next_tokens = self._run_multi(hb, max_steps, prev_tokens)
+            rows = {sr.request_id: i for i, sr in enumerate(so.scheduled)}
+        else:
+            bucket = pick_bucket(self.buckets, so.total_num_scheduled_tokens, len(so.scheduled))
+            hb = pack_batch(so, bucket, self.block_size, self.pages_per_seq, self.max_model_len, prev_rows)
+            t1 = time.perf_counter()
+            out, hidden, next_tokens = self._run(hb, prev_tokens)
+            outs = (out, hidden)
+            rows = {sr.request_id: i for i, sr in enumerate(so.scheduled) if sr.samples}
+        return StepHandle(so, hb, outs, next_tokens, rows, pack_s=t1 - t0,
+                          dispatch_s=time.perf_counter() - t1)
+
+    def collect(self, h: StepHandle) -> ModelRunnerOutput:
+        """Wait for a dispatched step and read back its sampled ids (and logprobs if asked)."""
+        if h.so.num_decode_steps > 1:
+            return self._collect_multi(h)
+        so, hb = h.so, h.hb
+        out, hidden = h.outs
+        t0 = time.perf_counter()
+        token_ids = np.asarray(out.token_ids)  # the one device → host sync of a step
+        t1 = time.perf_counter()
+        result = ModelRunnerOutput()
+        want_lp = [i for i, sr in enumerate(so.scheduled)
+                   if sr.request_id in h.rows and sr.request.sampling_params.logprobs is not None]
+        if want_lp:
+            lp, top_ids, top_lp = jax.device_get((out.logprobs, out.top_ids, out.top_logprobs))
+        for rid, i in h.rows.items():
+            result.sampled_token_ids[rid] = [int(token_ids[i])]
+        for i in want_lp:
+            sr = so.scheduled[i]
+            k = sr.request.sampling_params.logprobs
+            d = {int(t): float(v) for t, v in zip(top_ids[i, :k], top_lp[i, :k])}
+            d[int(token_ids[i])] = float(lp[i])
+            result.logprobs[sr.request_id] = [d]
+        self._prompt_logprobs(so, hidden, hb, result)
+        h.wait_s, h.readback_s = t1 - t0, time.perf_counter() - t1
+        return result
+
+    def _collect_multi(self, h: StepHandle) -> ModelRunnerOutput:
+        so = h.so
+        toks, lps, top_ids, top_lps = h.outs
+        t0 = time.perf_counter()
         toks = np.asarray(toks)  # [K, S]: the one device → host sync
+        t1 = time.perf_counter()
         result = ModelRunnerOutput()
         want_lp = any(sr.request.sampling_params.logprobs is not None for sr in so.scheduled)
         if want_lp:
@@ -307,34 +423,7 @@ class ModelRunner:
                     d[int(toks[j, i])] = float(lps[j, i])
                     entries.append(d)
                 result.logprobs[sr.request_id] = entries
-        return result
-
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        if so.num_decode_steps > 1:
-            return self._execute_multi(so)
-        n_tokens = so.total_num_scheduled_tokens
-        bucket = pick_bucket(self.buckets, n_tokens, len(so.scheduled))
-        hb = pack_batch(so, bucket, self.block_size, self.pages_per_seq, self.max_model_len)
-        out, hidden = self._run(hb)
-
-        result = ModelRunnerOutput()
-        token_ids = np.asarray(out.token_ids)  # the one device → host sync of a step
-        want_lp = [i for i, sr in enumerate(so.scheduled)
-                   if sr.samples and sr.request.sampling_params.logprobs is not None]
-        if want_lp:
-            lp, top_ids, top_lp = jax.device_get((out.logprobs, out.top_ids, out.top_logprobs))
-        for i, sr in enumerate(so.scheduled):
-            if not sr.samples:
-                continue
-            tok = int(token_ids[i])
-            result.sampled_token_ids[sr.request_id] = [tok]
-        for i in want_lp:
-            sr = so.scheduled[i]
-            k = sr.request.sampling_params.logprobs
-            d = {int(t): float(v) for t, v in zip(top_ids[i, :k], top_lp[i, :k])}
-            d[int(token_ids[i])] = float(lp[i])
-            result.logprobs[sr.request_id] = [d]
-        self._prompt_logprobs(so, hidden, hb, result)
+        h.wait_s, h.readback_s = t1 - t0, time.perf_counter() - t1
         return result
 
     def _prompt_logprobs(self, so: SchedulerOutput, hidden, hb: HostBatch, result: ModelRunnerOutput):

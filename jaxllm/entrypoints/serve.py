@@ -74,7 +74,6 @@ async def serve_engine(engine: Any, opts: ServeOptions, stop: asyncio.Event,
         The process exit code: 0 after a clean drain, 1 after an engine failure.
     """
     from jaxllm.engine.async_engine import AsyncEngine
-    from jaxllm.entrypoints.grpc_server import GrpcServer
     from jaxllm.entrypoints.metrics import ServerMetrics
     from jaxllm.entrypoints.openai_server import build_app
 
@@ -95,6 +94,8 @@ async def serve_engine(engine: Any, opts: ServeOptions, stop: asyncio.Event,
     log_task = asyncio.create_task(metrics.log_periodically(opts.log_interval_s))
     try:
         if opts.grpc_port is not None:
+            # Imported here: an HTTP-only server (--grpc-port -1) needs none of grpcio's extras.
+            from jaxllm.entrypoints.grpc_server import GrpcServer
             grpc_server = GrpcServer(aengine, host=opts.host, port=opts.grpc_port, api_key=opts.api_key,
                                      ssl_certfile=opts.ssl_certfile, ssl_keyfile=opts.ssl_keyfile)
             ports["grpc"] = await grpc_server.start()

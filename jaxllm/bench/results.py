@@ -101,7 +101,9 @@ def maybe_profile(trace_dir: str | None) -> Iterator[None]:
         return
     import jax
     os.makedirs(trace_dir, exist_ok=True)
-    with jax.profiler.trace(trace_dir):
+    # create_perfetto_trace: also a perfetto_trace.json.gz that ui.perfetto.dev opens directly and
+    # tools/trace_summary.py summarizes (kernel time by name, GPU idle gaps).
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         yield
 
 

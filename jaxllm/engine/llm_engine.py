@@ -5,6 +5,16 @@ prompt's blocks through the prefix cache) and hands them to the scheduler. ``ste
 schedule → execute → update cycle, detokenizes the new tokens, applies stop strings and returns
 one ``RequestOutput`` per request that made progress. Not thread-safe: one thread drives it
 (``LLM.generate`` directly, the servers through ``AsyncEngine``).
+
+Async scheduling (``async_scheduling=True``, vLLM's ``--async-scheduling``): ``step`` schedules and
+dispatches step t+1 *before* it reads step t's sampled ids, so the device runs t+1 while the host
+updates requests, detokenizes and checks stops for t. Step t's tokens reach t+1 on device (see
+``ModelRunner.dispatch``); the scheduler counts them as pending until they arrive. Outputs are thus
+one ``step`` call later than in the synchronous engine, and a request that stops at step t may
+have computed one more token in t+1, which is dropped. A step falls back to the synchronous order
+when a running request needs its whole token history on the host (penalties).
+
+``stats()`` carries cumulative host timings (``time_*_s``) so a benchmark can report the host gap.
 """
 
 from __future__ import annotations
@@ -37,6 +47,26 @@ class _Seq:
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
     delta_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepTimings:
+    """Cumulative seconds per phase of ``LLMEngine.step`` (host side) and the number of steps.
+
+    ``wait`` is the time the host sat blocked on the device for sampled ids; everything else is
+    host work that, without async scheduling, leaves the device idle between steps."""
+    steps: int = 0             # device steps dispatched
+    schedule: float = 0.0      # Scheduler.schedule / schedule_decode_steps
+    pack: float = 0.0          # pack_batch (SchedulerOutput -> padded numpy)
+    dispatch: float = 0.0      # launching the program (host -> device argument transfer included)
+    wait: float = 0.0          # blocked on the device for the sampled ids
+    postprocess: float = 0.0   # readback, update_from_output, detokenize, stop checks, outputs
+
+    def as_stats(self) -> dict[str, float]:
+        host = self.schedule + self.pack + self.dispatch + self.postprocess
+        return {"num_steps": self.steps, "time_schedule_s": self.schedule, "time_pack_s": self.pack,
+                "time_dispatch_s": self.dispatch, "time_wait_s": self.wait,
+                "time_postprocess_s": self.postprocess, "time_host_s": host}
 
 
 @dataclass
@@ -91,6 +121,8 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._seq_of: dict[str, tuple[_Parent, _Seq]] = {}
         self._pending: dict[str, _Parent] = {}  # finished outside step (aborts): reported next step
+        self.timings = StepTimings()
+        self._inflight = None  # async scheduling: the dispatched, not yet collected StepHandle
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.load_time_s = time.perf_counter() - t_start
@@ -100,6 +132,11 @@ class LLMEngine:
         self.runner.allocate_kv_caches()
         self.startup_time_s = time.perf_counter() - t_start
         self._warm_compilations = self.runner.num_compilations
+        self.async_scheduling = self.config.scheduler_config.async_scheduling
+        if self.async_scheduling and self.runner.multihost is not None:
+            logger.warning("async_scheduling: not supported with several processes (the leader broadcasts "
+                           "host inputs); running synchronously")
+            self.async_scheduling = False
         logger.info("Engine ready in %.1fs (load %.1fs, compile %.1fs for %d buckets)", self.startup_time_s,
                     self.load_time_s, self.compile_time_s, len(self.runner.buckets))
         mh = self.runner.multihost
@@ -194,26 +231,31 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         changed: dict[str, _Parent] = dict(self._pending)
         self._pending.clear()
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and not self._can_overlap():
+            self._finish(inflight, changed)  # this step needs the in-flight tokens on the host
+            inflight = None
+        t0 = time.perf_counter()
         so = None
         if self.config.scheduler_config.num_decode_steps > 1 and self._can_multi_step():
             so = self.scheduler.schedule_decode_steps(self.config.scheduler_config.num_decode_steps)
         if so is None:
             so = self.scheduler.schedule()
+        self.timings.schedule += time.perf_counter() - t0
+        handle = None
         if not so.is_empty:
-            ro = self.runner.execute(so)
-            now = time.monotonic()
-            self.scheduler.update_from_output(so, ro)
-            for sr in so.scheduled:
-                entry = self._seq_of.get(sr.request_id)
-                if entry is None:
-                    continue
-                parent, seq = entry
-                if sr.request_id in ro.prompt_logprobs:
-                    parent.prompt_logprobs = (parent.prompt_logprobs or []) + ro.prompt_logprobs[sr.request_id]
-                if self._process_tokens(seq, ro.logprobs.get(sr.request_id), now):
-                    changed[parent.request_id] = parent
-                elif seq.request.is_finished():
-                    changed[parent.request_id] = parent
+            handle = self.runner.dispatch(so, inflight)
+            self.timings.steps += 1
+            self.timings.pack += handle.pack_s
+            self.timings.dispatch += handle.dispatch_s
+        if inflight is not None:
+            self._finish(inflight, changed)
+        if handle is not None:
+            if self.async_scheduling:
+                self._inflight = handle
+            else:
+                self._finish(handle, changed)
+        t1 = time.perf_counter()
         outputs = [self._make_output(p) for p in changed.values()]
         for out in outputs:
             if out.finished:
@@ -221,7 +263,39 @@ class LLMEngine:
                 if parent is not None:
                     for s in parent.seqs:
                         self._seq_of.pop(s.request.request_id, None)
+        self.timings.postprocess += time.perf_counter() - t1
+        if handle is not None and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("step %d: %d reqs, %d tokens, %s; pack %.2f ms, dispatch %.2f ms", self.timings.steps,
+                         len(so.scheduled), so.total_num_scheduled_tokens,
+                         "async" if self.async_scheduling else "sync", 1e3 * handle.pack_s, 1e3 * handle.dispatch_s)
         return outputs
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be scheduled before the in-flight one's tokens are read:
+        not if a running request with a token in flight uses penalties (they need its history)."""
+        pending = self.scheduler.num_pending_tokens
+        return not any(r.sampling_params.uses_penalties and pending(r) for r in self.scheduler.running)
+
+    def _finish(self, handle, changed: dict[str, _Parent]) -> None:
+        """Read a dispatched step's tokens back and apply them (stops, detokenization, outputs)."""
+        ro = self.runner.collect(handle)
+        t0 = time.perf_counter()
+        so = handle.so
+        now = time.monotonic()
+        self.scheduler.update_from_output(so, ro)
+        for sr in so.scheduled:
+            entry = self._seq_of.get(sr.request_id)
+            if entry is None or entry[1].request is not sr.request:
+                continue  # finished and gone (its id may be in use again by a newer request)
+            parent, seq = entry
+            if sr.request_id in ro.prompt_logprobs:
+                parent.prompt_logprobs = (parent.prompt_logprobs or []) + ro.prompt_logprobs[sr.request_id]
+            if self._process_tokens(seq, ro.logprobs.get(sr.request_id), now):
+                changed[parent.request_id] = parent
+            elif seq.request.is_finished():
+                changed[parent.request_id] = parent
+        self.timings.wait += handle.wait_s
+        self.timings.postprocess += handle.readback_s + time.perf_counter() - t0
 
     def _can_multi_step(self) -> bool:
         """Multi-step decode keeps per-step inputs fixed on device: no penalties (token history) and
@@ -295,4 +369,5 @@ class LLMEngine:
         s["num_compilations"] = self.runner.num_compilations
         s["prompt_tokens_total"] = self.num_prompt_tokens_total
         s["generation_tokens_total"] = self.num_generation_tokens_total
+        s.update(self.timings.as_stats())
         return s

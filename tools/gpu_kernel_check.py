@@ -8,6 +8,12 @@ backend and compares with ``ref_ragged_paged_attention`` evaluated in float32 on
 rel = ||out - ref|| / ||ref|| must be < 1e-2 and the output NaN-free.
 
     python3 tools/gpu_kernel_check.py [--backends triton,mosaic_gpu] [--json out.json]
+    python3 tools/gpu_kernel_check.py --lower-only --backends mosaic_gpu_lane,mosaic_gpu_wg
+
+``--lower-only`` (any host, no GPU needed) lowers each Mosaic GPU backend for CUDA instead of
+running it: Mosaic GPU's lowering and layout inference see every case's shapes. Backend names:
+``triton`` and ``mosaic_gpu[_ws][_lane|_wg][:bn<int>,s<int>,sp<int>]`` (see
+``gpu_mosaic.kernel_from_name``).
 """
 
 from __future__ import annotations
@@ -121,12 +127,9 @@ def load_backends(names: list[str]) -> dict:
             if name == "triton":
                 from pallas_kernels.ragged_paged_attention.gpu_triton import (
                     ragged_paged_attention_triton as fn)
-            elif name.startswith("mosaic_gpu"):   # mosaic_gpu[_lane|_wg]: lowering semantics
-                from pallas_kernels.ragged_paged_attention.gpu_mosaic import (
-                    ragged_paged_attention_mosaic_gpu as fn)
-                sem = {"mosaic_gpu": None, "mosaic_gpu_lane": "Lane",
-                       "mosaic_gpu_wg": "Warpgroup"}[name]
-                fn = functools.partial(fn, lowering=sem)
+            elif name.startswith("mosaic_gpu"):   # mosaic_gpu[_ws][_lane|_wg][:knobs]
+                from pallas_kernels.ragged_paged_attention.gpu_mosaic import kernel_from_name
+                fn = kernel_from_name(name)
             else:
                 raise ValueError(f"--backends: unknown backend {name!r}")
             fns[name] = fn
@@ -140,6 +143,8 @@ def main() -> int:
     ap.add_argument("--backends", default="triton,mosaic_gpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lower-only", action="store_true",
+                    help="lower each mosaic backend for cuda (no GPU needed) instead of running")
     a = ap.parse_args()
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
     rng = np.random.default_rng(a.seed)
@@ -149,11 +154,20 @@ def main() -> int:
         args, ref_args = make_inputs(case, rng)
         scale = 1.0 / np.sqrt(case.d)
         kw = dict(sm_scale=float(scale), sliding_window=case.window, soft_cap=case.cap)
-        ref = np.asarray(jax.jit(lambda *x: ref_ragged_paged_attention(*x, **kw))(*ref_args))
+        if not a.lower_only:
+            ref = np.asarray(jax.jit(lambda *x: ref_ragged_paged_attention(*x, **kw))(*ref_args))
         for name, fn in fns.items():
             row = dict(case=case.name, backend=name)
             if isinstance(fn, Exception):
                 row.update(status=f"import failed: {fn!r}"[:200])
+            elif a.lower_only:
+                try:
+                    t0 = time.perf_counter()
+                    jax.jit(functools.partial(fn, **kw)).trace(*args).lower(
+                        lowering_platforms=("cuda",))
+                    row.update(secs=round(time.perf_counter() - t0, 2), status="ok")
+                except Exception as e:
+                    row.update(status=f"error: {type(e).__name__}: {e}"[:300])
             else:
                 try:
                     t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from pallas_kernels.ragged_paged_attention import gpu_common
 BLOCK_M = 64                    # rows per program: one warpgroup's wgmma M
 _MASK = -1e30                   # finite: fully masked rows stay NaN-free, later tiles wipe them
 _LOG2E = 1.4426950408889634
+SMEM_BYTES = 200 * 1024         # of the 227 KiB a Hopper CTA may use, leave room for barriers
 # meta columns (i32[NB, 9]) of each row block; keys [_LO, hi) may be seen by some row of it.
 _SEQ, _ROW0, _QPOS0, _R0, _KVLEN, _TBEG, _TEND, _LASTCOL, _LO = range(9)
 
@@ -239,10 +240,16 @@ def ragged_paged_attention_mosaic_gpu(
     if block_n % 64 or block_n % ps or block_n > 256:
         raise ValueError(f"block_n: must be a multiple of 64 and of page_size ({ps}) in "
                          f"[64, 256], got {block_n}")
+    smem = (BLOCK_M + 2 * stages * block_n) * d * q.dtype.itemsize
+    if smem > SMEM_BYTES:
+        raise ValueError(f"stages: {stages} stages of {block_n}x{d} K and V tiles need {smem} B "
+                         f"of shared memory, more than {SMEM_BYTES}; use fewer stages or a "
+                         "smaller block_n")
     kv = kv_pages.astype(q.dtype)   # fp8 caches: one cast (TODO: in-kernel dequant)
     n_rows = t * group
     nb = gpu_common.num_q_blocks(n_rows, s, BLOCK_M)
-    ns = num_splits or _pick_splits(nb * hkv, p * ps, block_n)
+    ns = num_splits or _pick_splits(nb * hkv, p * ps // block_n, hkv * nb * BLOCK_M * (d + 2) * 2,
+                                    _num_sms())
     meta = _block_meta(kv_lens.astype(jnp.int32), cu_q_lens.astype(jnp.int32), num_seqs,
                        group=group, nb=nb, block_n=block_n, page_size=ps, window=sliding_window)
     # q rows: [Hkv, T*G, D], row = token*G + g; then gathered per block: [Hkv, NB, BLOCK_M, D]
@@ -317,8 +324,57 @@ def ragged_paged_attention_mosaic_gpu(
     return out.astype(q.dtype)
 
 
-def _pick_splits(work: int, max_kv: int, block_n: int, num_sms: int = 132) -> int:
-    """KV splits so the grid covers ~2 waves of SMs, each split >= 8 tiles."""
-    if work >= 2 * num_sms:
+SPLIT_WAVES = 4        # decode: split the KV range until the grid covers ~4 waves of SMs
+MIN_SPLIT_TILES = 4    # ... but each split keeps >= 4 KV tiles (256 keys at block_n 64)
+MAX_SPLITS = 64
+MAX_PARTIALS_BYTES = 256 << 20
+
+
+def _num_sms() -> int:
+    try:
+        dev = jax.devices()[0]
+        return int(getattr(dev, "core_count", 0) or 132) if dev.platform == "gpu" else 132
+    except Exception:  # pragma: no cover - no backend
+        return 132
+
+
+def _pick_splits(work: int, kv_tiles: int, partial_bytes: int, num_sms: int) -> int:
+    """KV splits per row block (flash decoding) from the static shapes.
+
+    Args:
+      work: programs without splitting (row blocks x kv heads).
+      kv_tiles: KV tiles of the longest possible context.
+      partial_bytes: bytes of one split's partial outputs (capped at MAX_PARTIALS_BYTES total).
+      num_sms: streaming multiprocessors of the device.
+    """
+    if work >= SPLIT_WAVES * num_sms:
         return 1
-    return max(1, min(-(-2 * num_sms // work), max_kv // (8 * block_n), 32))
+    ns = min(-(-SPLIT_WAVES * num_sms // work), kv_tiles // MIN_SPLIT_TILES, MAX_SPLITS,
+             MAX_PARTIALS_BYTES // max(partial_bytes, 1))
+    return max(1, ns)
+
+
+def kernel_from_name(name: str):
+    """The Mosaic GPU kernel a benchmark/check backend name selects, knobs bound.
+
+    ``mosaic_gpu[_ws][_lane|_wg][:knob,...]``: ``_ws`` the warp-specialized prefill kernel
+    (``gpu_mosaic_ws``), ``_lane`` / ``_wg`` Mosaic GPU's Lane / Warpgroup lowering semantics
+    (default: JAX's), knobs ``bn<block_n>``, ``s<stages>``, ``sp<num_splits>``; e.g.
+    ``mosaic_gpu:bn128,s2,sp16`` or ``mosaic_gpu_ws_lane``.
+    """
+    base, _, knobs = name.partition(":")
+    parts = base.split("_")
+    if parts[:2] != ["mosaic", "gpu"] or not set(parts[2:]) <= {"ws", "lane", "wg"}:
+        raise ValueError(f"backend: expected mosaic_gpu[_ws][_lane|_wg][:knobs], got {name!r}")
+    kw = {"lowering": "Lane" if "lane" in parts else "Warpgroup" if "wg" in parts else None}
+    for k in filter(None, knobs.split(",")):
+        key = {"bn": "block_n", "sp": "num_splits", "s": "stages"}.get(k.rstrip("0123456789"))
+        if key is None or not k[len(k.rstrip("0123456789")):]:
+            raise ValueError(f"backend: unknown knob {k!r} in {name!r} (bn<int>, s<int>, sp<int>)")
+        kw[key] = int(k[len(k.rstrip("0123456789")):])
+    if "ws" in parts:
+        from pallas_kernels.ragged_paged_attention.gpu_mosaic_ws import (
+            ragged_paged_attention_mosaic_gpu_ws as fn)
+    else:
+        fn = ragged_paged_attention_mosaic_gpu
+    return functools.partial(fn, **kw)

@@ -109,6 +109,7 @@ def test_block_knob_changes_the_result_only_within_rounding():
     ("block_n", dict(block_n=32), "block_n:"),
     ("num_splits", dict(num_splits=0), "num_splits:"),
     ("stages", dict(stages=0), "stages:"),
+    ("stages", dict(stages=4, block_n=256), "stages:"),   # shared memory
 ])
 def test_invalid_knobs_raise_naming_the_field(field, kw, match):
     case = dataclasses.replace(CASES[0][0], page_size=kw.pop("page_size", 16))
@@ -124,3 +125,28 @@ def test_invalid_knobs_raise_naming_the_field(field, kw, match):
     with pytest.raises(ValueError, match=f"^{match}"):
         gpu_mosaic.ragged_paged_attention_mosaic_gpu(q, clean, kv_lens, page_indices, cu,
                                                       num_seqs, interpret=True, **kwargs, **kw)
+
+
+@pytest.mark.parametrize("work,kv_tiles", [(4, 512), (8, 512), (140, 16), (264, 128), (2144, 16),
+                                           (1, 3)])
+def test_pick_splits_fills_waves_without_tiny_splits(work, kv_tiles):
+    sms = 132
+    ns = gpu_mosaic._pick_splits(work, kv_tiles, partial_bytes=1 << 20, num_sms=sms)
+    assert 1 <= ns <= gpu_mosaic.MAX_SPLITS
+    if ns > 1:   # each split keeps enough tiles, and splitting stops at ~SPLIT_WAVES waves
+        assert kv_tiles // ns >= gpu_mosaic.MIN_SPLIT_TILES
+        assert work * (ns - 1) < gpu_mosaic.SPLIT_WAVES * sms
+    if work >= gpu_mosaic.SPLIT_WAVES * sms or kv_tiles < 2 * gpu_mosaic.MIN_SPLIT_TILES:
+        assert ns == 1
+    elif ns < gpu_mosaic.MAX_SPLITS:   # not capped: the grid reaches the wave target or tiles ran out
+        assert (work * ns >= gpu_mosaic.SPLIT_WAVES * sms
+                or kv_tiles // (ns + 1) < gpu_mosaic.MIN_SPLIT_TILES)
+
+
+def test_kernel_from_name_binds_knobs_and_rejects_unknown_ones():
+    fn = gpu_mosaic.kernel_from_name("mosaic_gpu_lane:bn128,s2,sp16")
+    assert fn.keywords == dict(lowering="Lane", block_n=128, stages=2, num_splits=16)
+    assert gpu_mosaic.kernel_from_name("mosaic_gpu").keywords == dict(lowering=None)
+    for bad in ("mosaic_gpu:q3", "mosaic_gpu_fast", "triton", "mosaic_gpu:bn"):
+        with pytest.raises(ValueError, match="^backend:"):
+            gpu_mosaic.kernel_from_name(bad)

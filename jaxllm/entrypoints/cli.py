@@ -35,6 +35,10 @@ def add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="schedule and dispatch step t+1 before reading step t's tokens (hides host time)")
+    g.add_argument("--num-decode-steps", type=int, default=8,
+                   help="decode steps per dispatch when every running request decodes (1 disables)")
     g.add_argument("--compilation-cache-dir", default=None,
                    help="JAX persistent compilation cache (default ~/.cache/jaxllm/xla; '' disables)")
     # Multi-host (docs/multihost.md): the same command on every process; process 0 leads.
@@ -47,7 +51,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False)
 
 _ENGINE_KEYS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                 "num_kv_blocks", "gpu_memory_utilization", "enable_prefix_caching", "scheduling_policy",
-                "load_format", "seed", "tensor_parallel_size", "attention_backend", "compilation_cache_dir")
+                "load_format", "seed", "tensor_parallel_size", "attention_backend", "compilation_cache_dir",
+                "async_scheduling", "num_decode_steps")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -35,16 +35,17 @@ SMEM_BYTES = 200 * 1024         # of the 227 KiB a Hopper CTA may use, leave roo
 _SEQ, _ROW0, _QPOS0, _R0, _KVLEN, _TBEG, _TEND, _LASTCOL, _LO = range(9)
 
 
-def _block_meta(kv_lens, cu_q_lens, num_seqs, *, group, nb, block_n, page_size, window):
+def _block_meta(kv_lens, cu_q_lens, num_seqs, *, group, nb, block_n, page_size, window,
+                block_m=BLOCK_M):
     """i32[NB, 9] metadata per row block (see the column names above)."""
     cu_rows = cu_q_lens * group
-    blk_seq, blk_r0 = gpu_common.q_block_table(cu_rows, num_seqs, nb, BLOCK_M)
+    blk_seq, blk_r0 = gpu_common.q_block_table(cu_rows, num_seqs, nb, block_m)
     seq = jnp.maximum(blk_seq, 0)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     kv_len = kv_lens[seq]
     qpos0 = kv_len - q_len                                   # position of the seq's token 0
     first_tok = blk_r0 // group
-    last_tok = jnp.minimum((blk_r0 + BLOCK_M - 1) // group, q_len - 1)
+    last_tok = jnp.minimum((blk_r0 + block_m - 1) // group, q_len - 1)
     hi = qpos0 + last_tok + 1                                # keys [lo, hi)
     lo = jnp.zeros_like(hi)
     if window is not None:
@@ -162,6 +163,41 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, lse_ref, q_smem, k_smem, v_s
     plgpu.wait_smem_to_gmem(0)
 
 
+def check_args(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sliding_window,
+               soft_cap, stages, block_n, num_splits, block_m, smem_q_rows=None) -> int:
+    """Shape/knob checks of the Mosaic GPU kernels (ValueError naming the field); returns
+    the KV tile size block_n."""
+    gpu_common.check_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                            sliding_window, soft_cap)
+    t, hq, d = q.shape
+    _, ps, hc, _ = kv_pages.shape
+    hkv = hc // 2
+    group = hq // hkv
+    s, p = page_indices.shape
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"q: dtype must be bfloat16 or float16, got {q.dtype}")
+    if d % 64:
+        raise ValueError(f"q: head_dim must be a multiple of 64 for mosaic_gpu, got {d}")
+    if ps < 8 or ps > 256 or ps & (ps - 1):
+        raise ValueError(f"kv_pages: page_size must be a power of two in [8, 256], got {ps}")
+    if group > block_m:
+        raise ValueError(f"q: num_q_heads / num_kv_heads must be <= {block_m}, got {group}")
+    if stages < 1:
+        raise ValueError(f"stages: must be >= 1, got {stages}")
+    if num_splits is not None and not 1 <= num_splits <= 64:
+        raise ValueError(f"num_splits: must be None or in [1, 64], got {num_splits}")
+    block_n = block_n or max(64, ps)
+    if block_n % 64 or block_n % ps or block_n > 256:
+        raise ValueError(f"block_n: must be a multiple of 64 and of page_size ({ps}) in "
+                         f"[64, 256], got {block_n}")
+    smem = ((smem_q_rows or block_m) + 2 * stages * block_n) * d * q.dtype.itemsize
+    if smem > SMEM_BYTES:
+        raise ValueError(f"stages: {stages} stages of {block_n}x{d} K and V tiles need {smem} B "
+                         f"of shared memory, more than {SMEM_BYTES}; use fewer stages or a "
+                         "smaller block_n")
+    return block_n
+
+
 def _zero_invisible_v(v_ref, tile, kv_len, lo, *, block_n, window, iota):
     """Zeroes the V rows of a boundary KV tile that no query of the block may see.
 
@@ -217,34 +253,14 @@ def ragged_paged_attention_mosaic_gpu(
     page_size, <= 256; None: max(64, page_size)) are tuning knobs;
     ``lowering`` ("Lane" / "Warpgroup" / None: JAX's default) picks Mosaic GPU's semantics.
     """
-    gpu_common.check_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                            sliding_window, soft_cap)
+    block_n = check_args(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                         sliding_window=sliding_window, soft_cap=soft_cap, stages=stages,
+                         block_n=block_n, num_splits=num_splits, block_m=BLOCK_M)
     t, hq, d = q.shape
     _, ps, hc, _ = kv_pages.shape
     hkv = hc // 2
     group = hq // hkv
     s, p = page_indices.shape
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"q: dtype must be bfloat16 or float16, got {q.dtype}")
-    if d % 64:
-        raise ValueError(f"q: head_dim must be a multiple of 64 for mosaic_gpu, got {d}")
-    if ps < 8 or ps > 256 or ps & (ps - 1):
-        raise ValueError(f"kv_pages: page_size must be a power of two in [8, 256], got {ps}")
-    if group > BLOCK_M:
-        raise ValueError(f"q: num_q_heads / num_kv_heads must be <= {BLOCK_M}, got {group}")
-    if stages < 1:
-        raise ValueError(f"stages: must be >= 1, got {stages}")
-    if num_splits is not None and not 1 <= num_splits <= 64:
-        raise ValueError(f"num_splits: must be None or in [1, 64], got {num_splits}")
-    block_n = block_n or max(64, ps)
-    if block_n % 64 or block_n % ps or block_n > 256:
-        raise ValueError(f"block_n: must be a multiple of 64 and of page_size ({ps}) in "
-                         f"[64, 256], got {block_n}")
-    smem = (BLOCK_M + 2 * stages * block_n) * d * q.dtype.itemsize
-    if smem > SMEM_BYTES:
-        raise ValueError(f"stages: {stages} stages of {block_n}x{d} K and V tiles need {smem} B "
-                         f"of shared memory, more than {SMEM_BYTES}; use fewer stages or a "
-                         "smaller block_n")
     kv = kv_pages.astype(q.dtype)   # fp8 caches: one cast (TODO: in-kernel dequant)
     n_rows = t * group
     nb = gpu_common.num_q_blocks(n_rows, s, BLOCK_M)
@@ -252,11 +268,7 @@ def ragged_paged_attention_mosaic_gpu(
                                     _num_sms())
     meta = _block_meta(kv_lens.astype(jnp.int32), cu_q_lens.astype(jnp.int32), num_seqs,
                        group=group, nb=nb, block_n=block_n, page_size=ps, window=sliding_window)
-    # q rows: [Hkv, T*G, D], row = token*G + g; then gathered per block: [Hkv, NB, BLOCK_M, D]
-    # (rows past the end read row 0 and are never written back).
-    q_rows = q.reshape(t, hkv, group, d).transpose(1, 0, 2, 3).reshape(hkv, n_rows, d)
-    ridx = meta[:, _ROW0][:, None] + jnp.arange(BLOCK_M, dtype=jnp.int32)[None, :]
-    q_blk = q_rows[:, jnp.where(ridx < n_rows, ridx, 0)]
+    q_blk = q_blocks(q, meta, hkv, BLOCK_M).reshape(hkv, nb, BLOCK_M, d)
     scale_log2 = float(sm_scale * (k_scale if k_scale is not None else 1.0) * _LOG2E)
 
     swizzle = 128
@@ -298,15 +310,45 @@ def ragged_paged_attention_mosaic_gpu(
         compiler_params=plgpu.CompilerParams(approx_math=True, **sem), **kw,
     )(q_blk, kv, page_indices.astype(jnp.int32), meta)
 
-    # Back to [T, Hq, D]: row r of kv head h lives in block blk_of_row[r] at offset r - row0.
+    o = unblock(o_blk, lse if ns > 1 else None, meta, n_rows, BLOCK_M)   # [Hkv, R, D] f32
+    out = o.reshape(hkv, t, group, d).transpose(1, 0, 2, 3).reshape(t, hq, d)
+    valid = gpu_common.valid_token_mask(cu_q_lens, num_seqs, t)
+    out = jnp.where(valid[:, None, None], out, 0.0)
+    if v_scale is not None:
+        out = out * v_scale
+    return out.astype(q.dtype)
+
+
+def q_blocks(q, meta, hkv: int, block_m: int) -> jax.Array:
+    """q [T, Hq, D] -> rows [Hkv, T*G, D] (row = token*G + g) gathered per row block:
+    [Hkv, NB * block_m, D]. Rows past the end read row 0 and are never written back."""
+    t, hq, d = q.shape
+    n_rows = t * (hq // hkv)
+    q_rows = q.reshape(t, hkv, hq // hkv, d).transpose(1, 0, 2, 3).reshape(hkv, n_rows, d)
+    ridx = meta[:, _ROW0][:, None] + jnp.arange(block_m, dtype=jnp.int32)[None, :]  # [NB, BM]
+    ridx = jnp.where(ridx < n_rows, ridx, 0).reshape(-1)
+    return q_rows[:, ridx]
+
+
+def unblock(o_blk, lse, meta, n_rows: int, block_m: int) -> jax.Array:
+    """Per-block outputs back to rows, merging KV splits (flash-decoding combine).
+
+    Args:
+      o_blk: ``[NS, Hkv, NB, block_m, D]`` each split's normalized output.
+      lse: ``f32[NS, Hkv, NB, block_m]`` each split's log2-sum-exp2, or None when NS == 1.
+      meta: ``i32[NB, 9]`` block metadata.
+    Returns:
+      ``f32[Hkv, n_rows, D]``; row r of kv head h lives in block blk[r] at offset r - row0.
+    """
+    nb = meta.shape[0]
     rows = jnp.arange(n_rows, dtype=jnp.int32)
     valid_blk = meta[:, _SEQ] >= 0
     starts = jnp.where(valid_blk, meta[:, _ROW0], jnp.iinfo(jnp.int32).max)
     order = jnp.argsort(starts)
     blk = order[jnp.clip(jnp.searchsorted(starts[order], rows, side="right") - 1, 0, nb - 1)]
-    off = jnp.clip(rows - meta[blk, _ROW0], 0, BLOCK_M - 1)
+    off = jnp.clip(rows - meta[blk, _ROW0], 0, block_m - 1)
     o = o_blk[:, :, blk, off]                                 # [NS, Hkv, R, D]
-    if ns > 1:
+    if lse is not None:
         l2 = lse[:, :, blk, off]                               # [NS, Hkv, R]
         ok = jnp.isfinite(l2) & (l2 > 0.5 * _MASK)
         l2 = jnp.where(ok, l2, -jnp.inf)
@@ -316,12 +358,7 @@ def ragged_paged_attention_mosaic_gpu(
         o = jnp.sum(w[..., None] * o, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[..., None]
     else:
         o = o[0].astype(jnp.float32)
-    out = o.reshape(hkv, t, group, d).transpose(1, 0, 2, 3).reshape(t, hq, d)
-    valid = gpu_common.valid_token_mask(cu_q_lens, num_seqs, t)
-    out = jnp.where(valid[:, None, None], out, 0.0)
-    if v_scale is not None:
-        out = out * v_scale
-    return out.astype(q.dtype)
+    return o
 
 
 SPLIT_WAVES = 4        # decode: split the KV range until the grid covers ~4 waves of SMs

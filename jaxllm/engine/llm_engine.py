@@ -56,6 +56,8 @@ class StepTimings:
     ``wait`` is the time the host sat blocked on the device for sampled ids; everything else is
     host work that, without async scheduling, leaves the device idle between steps."""
     steps: int = 0             # device steps dispatched
+    overlapped: int = 0        # of those, dispatched while the step before was still in flight
+    sync_fallbacks: int = 0    # async scheduling: steps that had to wait for the one before first
     schedule: float = 0.0      # Scheduler.schedule / schedule_decode_steps
     pack: float = 0.0          # pack_batch (SchedulerOutput -> padded numpy)
     dispatch: float = 0.0      # launching the program (host -> device argument transfer included)
@@ -64,7 +66,8 @@ class StepTimings:
 
     def as_stats(self) -> dict[str, float]:
         host = self.schedule + self.pack + self.dispatch + self.postprocess
-        return {"num_steps": self.steps, "time_schedule_s": self.schedule, "time_pack_s": self.pack,
+        return {"num_steps": self.steps, "num_steps_overlapped": self.overlapped,
+                "num_sync_fallbacks": self.sync_fallbacks, "time_schedule_s": self.schedule, "time_pack_s": self.pack,
                 "time_dispatch_s": self.dispatch, "time_wait_s": self.wait,
                 "time_postprocess_s": self.postprocess, "time_host_s": host}
 
@@ -235,6 +238,7 @@ class LLMEngine:
         if inflight is not None and not self._can_overlap():
             self._finish(inflight, changed)  # this step needs the in-flight tokens on the host
             inflight = None
+            self.timings.sync_fallbacks += 1
         t0 = time.perf_counter()
         so = None
         if self.config.scheduler_config.num_decode_steps > 1 and self._can_multi_step():
@@ -246,6 +250,7 @@ class LLMEngine:
         if not so.is_empty:
             handle = self.runner.dispatch(so, inflight)
             self.timings.steps += 1
+            self.timings.overlapped += inflight is not None
             self.timings.pack += handle.pack_s
             self.timings.dispatch += handle.dispatch_s
         if inflight is not None:

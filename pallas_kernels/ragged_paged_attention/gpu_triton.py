@@ -86,7 +86,9 @@ def _tile(q, acc, l_i, m_i, kv_ptr, pages_ptr, start, k_lo, k_hi, q_pos, h, scal
             mask = mask & (k_pos[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(mask, s, _NEG_INF)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+    m_safe = m_new                                    # unmasked: every score finite
+    if MASKED:                                        # a row may have seen no key yet
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -235,14 +237,17 @@ def plan(t: int, s: int, pages_per_seq: int, page_size: int, hq: int, hkv: int, 
     """Picks the knobs left as None from the static shapes; ValueError for a knob out of range.
 
     Decode-like batches (T <= 2 S): 16-row blocks (or the GQA group), 128-key tiles, 3 stages
-    (run 2: 73% vs 40% of copy on Qwen b32 x 8k with 64-key tiles). Prefill: 128-row blocks,
-    8 warps, 64-key tiles, 3 stages. Split-K when the grid is under ``SPLIT_WAVES`` programs per
-    SM, keeping >= ``MIN_SPLIT_TILES`` tiles of keys per split.
+    (run 2: 73% vs 40% of copy on Qwen b32 x 8k with 64-key tiles). Prefill (T >= 64 S):
+    128-row blocks, 8 warps, 64-key tiles, 3 stages. In between (mixed batches, mostly decodes
+    by count): 64-row blocks, 4 warps, so the decodes among them do not pay for 128-row tiles.
+    Split-K when the grid is under ``SPLIT_WAVES`` programs per SM, keeping
+    >= ``MIN_SPLIT_TILES`` tiles of keys per split.
     """
     group = hq // hkv
     min_m = max(16, 1 << max(0, math.ceil(math.log2(group))))
-    decode = t <= 2 * s
-    bm = block_m or (min_m if decode else max(min_m, 128 if d <= 128 else 64))
+    per_seq = t / s                       # static tokens per sequence: the batch's kind
+    decode, prefill = per_seq <= 2, per_seq >= 64
+    bm = block_m or max(min_m, 16 if decode else 128 if prefill and d <= 128 else 64)
     bn = block_n or (128 if decode and d <= 128 else 64)
     if not _pow2(bm) or bm < min_m:
         raise ValueError(f"block_m: must be a power of two >= max(16, group={group}), got {bm}")

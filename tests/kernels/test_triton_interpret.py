@@ -186,7 +186,9 @@ def test_plan_defaults_and_ranges():
     dec = gt.plan(32, 32, 64, 16, 32, 8, 128)
     pre = gt.plan(8192, 1, 512, 16, 32, 8, 128)
     assert (dec.block_n, dec.num_stages, dec.page_mode) == (128, 3, 0)
+    mixed = gt.plan(2248, 201, 256, 16, 32, 8, 128)     # 200 decodes + one 2k prefill
     assert dec.block_m == 16 and pre.block_m == 128 and pre.num_warps == 8
+    assert mixed.block_m == 64 and mixed.num_warps == 4
     assert pre.num_blocks * pre.block_q >= 8192
     assert gt.plan(8, 8, 4, 64, 8, 1, 64, block_n=32).page_mode == 2
     assert gt.plan(8, 8, 4, 24, 8, 1, 64, block_n=32).page_mode == 0

@@ -179,26 +179,62 @@ def _first(names: list[str], n: int = 10) -> str:
     return f"{names[:n]}" + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
+# Dummy weights: uniform in (-a, a) with a = 0.02·√3, i.e. std 0.02 like HF's N(0, 0.02) init, so
+# activations stay in a sane range; drawn in the parameter's own dtype (no f32 copy).
+_DUMMY_STD = 0.02
+_DUMMY_PRNG = "threefry2x32"  # with jax_threefry_partitionable, the values do not depend on the mesh
+
+
+def _dummy_kind(name: str) -> str:
+    return "zeros" if name.endswith(".bias") else "ones" if name.endswith("norm.weight") else "uniform"
+
+
+def _layer_of(name: str) -> int:
+    """``model.layers.N.*`` → N; every other tensor (embedding, final norm, lm_head) → -1."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] else -1
+
+
 @functools.lru_cache(maxsize=None)
-def _dummy_fn(shape: tuple[int, ...], dtype: jnp.dtype, sharding: Any):
-    # One compile per distinct (shape, dtype, sharding): scale/offset are traced, so norms
-    # (ones) and biases (zeros) share the executable of same-shaped matrices.
-    def make(key, scale, offset):
-        return (jax.random.normal(key, shape, jnp.float32) * scale + offset).astype(dtype)
-    return jax.jit(make, out_shardings=sharding)
+def _dummy_group_fn(specs: tuple[tuple[tuple[int, ...], Any, str], ...], shardings: tuple | None):
+    """One jitted program filling a group of tensors ((shape, dtype, kind) each) from one key.
+
+    A group is one decoder layer (or the tensors outside the layers), so all layers of the same
+    structure share one compile: 2 programs for a Llama of any depth instead of one per shape."""
+    half = _DUMMY_STD * 3 ** 0.5
+
+    def make(key):
+        keys = jax.random.split(key, len(specs))
+        out = []
+        for k, (shape, dtype, kind) in zip(keys, specs):
+            if kind == "uniform":
+                out.append(jax.random.uniform(k, shape, dtype, -half, half))
+            else:
+                out.append(jnp.ones(shape, dtype) if kind == "ones" else jnp.zeros(shape, dtype))
+        return tuple(out)
+
+    return jax.jit(make) if shardings is None else jax.jit(make, out_shardings=shardings)
 
 
 def load_dummy(model: nnx.Module, *, seed: int = 0, mesh: Mesh | None = None) -> None:
-    """Random weights with the real shapes: N(0, 0.02) matrices, unit norms, zero biases."""
-    key = jax.random.key(seed)
-    for i, (name, target) in enumerate(sorted(hf_param_map(model).items())):
-        value = target.var.get_value()
-        scale, offset = ((0.0, 0.0) if name.endswith(".bias")
-                         else (0.0, 1.0) if name.endswith("norm.weight") else (0.02, 0.0))
-        spec = target.var.get_metadata().get("out_sharding") or ()
-        sharding = NamedSharding(mesh, PartitionSpec(*spec)) if mesh is not None else None
-        fn = _dummy_fn(tuple(value.shape), jnp.dtype(value.dtype), sharding)
-        target.var.set_value(fn(jax.random.fold_in(key, i), scale, offset))
+    """Random weights with the real shapes: uniform with std 0.02 for matrices, unit norms, zero
+    biases, each placed with its ``out_sharding`` over ``mesh`` as it is generated."""
+    key = jax.random.key(seed, impl=_DUMMY_PRNG)
+    groups: dict[int, list[tuple[str, _Target]]] = {}
+    for name, target in hf_param_map(model).items():
+        groups.setdefault(_layer_of(name), []).append((name, target))
+    for index, members in sorted(groups.items()):
+        # Sorted by the name inside the layer, so every layer of one structure has the same specs.
+        members.sort(key=lambda m: m[0].split(".", 3)[-1] if index >= 0 else m[0])
+        specs, shardings = [], []
+        for name, target in members:
+            value = target.var.get_value()
+            specs.append((tuple(value.shape), jnp.dtype(value.dtype), _dummy_kind(name)))
+            spec = target.var.get_metadata().get("out_sharding") or ()
+            shardings.append(NamedSharding(mesh, PartitionSpec(*spec)) if mesh is not None else None)
+        fn = _dummy_group_fn(tuple(specs), tuple(shardings) if mesh is not None else None)
+        for (_, target), x in zip(members, fn(jax.random.fold_in(key, index + 1))):
+            target.var.set_value(x)
 
 
 def shard_model_args(args, mesh: Mesh | None):

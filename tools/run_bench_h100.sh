@@ -41,10 +41,13 @@ TP_IN=${TP_IN:-1024}; TP_OUT=${TP_OUT:-128}
 # in the JSON. NUM_PROMPTS=1000 for the full workload when the budget allows (two calls, STEPS).
 NUM_PROMPTS=${NUM_PROMPTS:-200}
 HF_COMPILE=${HF_COMPILE:-0}
+HF_NUM_PROMPTS=${HF_NUM_PROMPTS:-$NUM_PROMPTS}
 # Shared by the 8B throughput and latency runs so the second engine start hits the persistent
 # compilation cache (identical shapes: the KV size is fixed rather than derived from free memory,
 # which also leaves XLA's GEMM autotuner room; 16384 blocks x 16 tokens hold 227 sequences of 1152).
 ENGINE_FLAGS=${ENGINE_FLAGS:---load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048 --num-kv-blocks 16384}
+# The offline throughput run may use its own flags (e.g. a larger prefill budget); default: ENGINE_FLAGS.
+THROUGHPUT_FLAGS=${THROUGHPUT_FLAGS:-$ENGINE_FLAGS}
 SMALL_ENGINE_FLAGS=${SMALL_ENGINE_FLAGS:---load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 8 --max-num-batched-tokens 1024 --num-kv-blocks 1024}
 
 exec > >(tee "$OUT/log") 2>&1
@@ -73,7 +76,7 @@ echo "### throughput workload: $NUM_PROMPTS prompts x $TP_IN in / $TP_OUT out (v
 
 step hw 60 0 $PY -m jaxllm.bench.hw --output-json "$OUT/hw.json"
 
-step throughput_8b 330 175 $PY -m jaxllm.entrypoints.cli bench throughput --model "$MODEL_8B" $ENGINE_FLAGS \
+step throughput_8b ${TP_CAP:-330} ${TP_RESERVE:-175} $PY -m jaxllm.entrypoints.cli bench throughput --model "$MODEL_8B" $THROUGHPUT_FLAGS \
   --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" --disable-tqdm \
   --output-json "$OUT/throughput_llama8b.json"
 
@@ -87,8 +90,8 @@ step hf_throughput_8b 200 35 $PY tools/bench_hf_peer.py throughput --model "$MOD
 HF_FLAGS=""; [[ "$HF_COMPILE" == 1 ]] || HF_FLAGS="--no-compile"
 # Optional (add to STEPS): the peer's static-cache generate() in batches of 64, for when
 # generate_batch runs without flash attention (slow masked SDPA path).
-step hf_generate_8b 200 35 $PY tools/bench_hf_peer.py throughput --method generate --batch-size 64 $HF_FLAGS \
-  --model "$MODEL_8B" --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" \
+step hf_generate_8b ${HF_CAP:-200} 35 $PY tools/bench_hf_peer.py throughput --method generate --batch-size 64 $HF_FLAGS \
+  --model "$MODEL_8B" --num-prompts "$HF_NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" \
   --output-json "$OUT/hf_generate_llama8b.json"
 step hf_latency_8b 60 0 $PY tools/bench_hf_peer.py latency --model "$MODEL_8B" --batch-size 1 \
   --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters 3 --num-iters-warmup 1 $HF_FLAGS \

@@ -9,17 +9,29 @@ Llama-3.1-8B (32 q / 8 kv heads, d=128) and Qwen2.5-7B (28/4/128) attention shap
 side by side with JAX's Pallas Triton paged_attention (decode), JAX's attention_mgpu (dense
 causal prefill) and the XLA gather+dot reference (where it fits in memory).
 
-Timing: jit, 2 warm-ups, then `reps` repetitions of `inner` back-to-back calls (rotating
-over several input copies when one is smaller than L2) closed by block_until_ready; the median
-per-call time is reported. Page size 16, pages in random order.
+``--backends`` takes any kernel name the dispatch knows (``pallas_kernels.ragged_paged_attention
+.BACKENDS``), plus ``mosaic_gpu_lane`` / ``mosaic_gpu_wg`` for Mosaic GPU's two lowering
+semantics. ``--sweep`` also times, on the cases that missed their targets, a few tuning knob
+sets per backend (``SWEEP``: Triton block/stage/warp/split configs, Mosaic GPU splits/stages;
+only the knobs a kernel accepts) and marks the fastest row of each case and backend ``best``.
 
-    python3 tools/bench_attention.py --out $OUT [--quick]
+Timing: jit, 2 warm-ups (the first one's time is reported as ``compile_s``), then ``reps``
+repetitions of ``inner`` back-to-back calls (rotating over several input copies when one is
+smaller than L2) closed by block_until_ready; the median per-call time is reported ("host
+loop": includes JAX's dispatch). Cases under ``--device-loop-under-us`` (default 300 us) are
+also timed as n calls inside ONE jitted fori_loop ("device loop": dispatch paid once per n),
+and ``us`` is the smaller of the two. Page size 16, pages in random order. ``--budget-s`` caps
+the run: cases left when it runs out are recorded as skipped; the JSON is rewritten after every
+row, so a run cut short still leaves its results.
+
+    python3 tools/bench_attention.py --out $OUT [--quick] [--sweep] [--budget-s 400]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import math
 import os
@@ -42,13 +54,42 @@ from pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_att
 MODELS = {"llama3.1-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
 PAGE = 16
 L2_BYTES = 50 << 20
-DEVICE_LOOP = False  # --device-loop: also time n calls inside one jitted loop (not yet run on a GPU)
+DEVICE_LOOP_UNDER_US = 300.0   # also time in a device loop when the host loop is faster than this
+DEADLINE = float("inf")        # time.monotonic() past which cases are skipped (--budget-s)
+OUT_JSON = None                # rewritten after every row
+STATE = {}                     # info, ceilings: written with the rows
+# Knob sets timed by --sweep on the SWEEP_CASES, per backend and kind (decode/prefill); each
+# kernel gets only the knobs its signature takes. "splits*" scale the plan's own split count.
+SWEEP = {
+    "triton": {
+        "decode": [dict(block_n=64, num_stages=2), dict(block_n=64, num_stages=4),
+                   dict(block_n=128, num_stages=4), dict(num_warps=8),
+                   dict(splits_x=0.5), dict(splits_x=2)],
+        "prefill": [dict(block_m=64, block_n=64, num_warps=4), dict(block_n=128, num_stages=2),
+                    dict(block_n=128, num_stages=3), dict(num_stages=4),
+                    dict(num_warps=4), dict(block_m=64, block_n=128, num_warps=4)],
+    },
+    "mosaic_gpu": {
+        "decode": [dict(num_splits=1), dict(num_splits=4), dict(num_splits=16),
+                   dict(stages=2), dict(stages=4)],
+        "prefill": [dict(stages=2), dict(stages=4), dict(block_n=128)],
+    },
+}
+SWEEP_CASES = {("llama3.1-8b", "decode", 32, 1024), ("llama3.1-8b", "decode", 1, 32768),
+               ("qwen2.5-7b", "decode", 32, 8192), ("qwen2.5-7b", "decode", 256, 1024),
+               ("qwen2.5-7b", "decode", 1, 32768), ("llama3.1-8b", "decode", 256, 8192),
+               ("llama3.1-8b", "prefill", 1, 8192), ("llama3.1-8b", "prefill", 16, 512),
+               ("qwen2.5-7b", "prefill", 1, 8192)}
 
 
-def timeit(fn, arg_sets, reps=20, target_s=0.02) -> float:
-    """Median seconds per call of fn over rotating arg sets (see module docstring)."""
-    for a in arg_sets[:2]:
+def timeit(fn, arg_sets, reps=20, target_s=0.02, first=None) -> float:
+    """Median seconds per call of fn over rotating arg sets (see module docstring); the first
+    warm-up's seconds (compile included) go to ``first["compile_s"]``."""
+    for i, a in enumerate(arg_sets[:2]):
+        t0 = time.perf_counter()
         jax.block_until_ready(fn(*a))
+        if i == 0 and first is not None:
+            first["compile_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*arg_sets[0]))
     est = max(time.perf_counter() - t0, 1e-6)
@@ -141,32 +182,66 @@ def causal_flops(q_lens, kv_lens, hq, d) -> float:
     return 4.0 * pairs * hq * d
 
 
+LOWERINGS = {"_lane": "Lane", "_wg": "Warpgroup"}   # mosaic_gpu_lane / mosaic_gpu_wg
+
+
 def our_backends(names):
+    """name -> kernel function, for any backend the dispatch knows (and <kernel>_lane / _wg:
+    Mosaic GPU lowering semantics); unknown or unavailable names are reported and left out."""
+    from pallas_kernels.ragged_paged_attention import BACKENDS, load_kernel
     fns = {}
     for n in names:
+        base, lowering = n, None
+        for suffix, sem in LOWERINGS.items():
+            if n.endswith(suffix) and n[:-len(suffix)] in BACKENDS:
+                base, lowering = n[:-len(suffix)], sem
         try:
-            if n == "triton":
-                from pallas_kernels.ragged_paged_attention.gpu_triton import (
-                    ragged_paged_attention_triton as f)
-            elif n.startswith("mosaic_gpu"):   # mosaic_gpu[_lane|_wg]: lowering semantics
-                from pallas_kernels.ragged_paged_attention.gpu_mosaic import (
-                    ragged_paged_attention_mosaic_gpu as f)
-                sem = {"mosaic_gpu": None, "mosaic_gpu_lane": "Lane",
-                       "mosaic_gpu_wg": "Warpgroup"}[n]
-                f = functools.partial(f, lowering=sem)
-            fns[n] = f
+            if base in ("auto", "reference") or base not in BACKENDS:
+                raise ValueError(f"--backends: {n!r} is not a kernel; known: "
+                                 f"{[b for b in BACKENDS if b not in ('auto', 'reference')]}")
+            f = load_kernel(base)
+            fns[n] = functools.partial(f, lowering=lowering) if lowering else f
         except Exception as e:
             print(f"backend {n} unavailable: {e!r}", flush=True)
     return fns
 
 
-def run_case(results, kind, label, fn_name, fn, arg_sets, *, nbytes=None, flops=None):
-    row = dict(kind=kind, case=label, backend=fn_name)
+def accepted(fn, knobs: dict) -> dict | None:
+    """``knobs`` if ``fn`` takes every one of them as a keyword, else None."""
     try:
-        t_host = timeit(fn, arg_sets)
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    return knobs if all(k in params for k in knobs) else None
+
+
+def knob_label(knobs: dict) -> str:
+    short = {"block_m": "bm", "block_n": "bn", "num_warps": "w", "num_stages": "s",
+             "num_splits": "ns", "stages": "stages", "page_mode": "pm"}
+    return " ".join(f"{short.get(k, k)}{v}" for k, v in knobs.items())
+
+
+def save():
+    if OUT_JSON is not None:
+        OUT_JSON.write_text(json.dumps(dict(STATE, results=RESULTS), indent=1))
+
+
+RESULTS: list = []
+
+
+def run_case(results, kind, label, fn_name, fn, arg_sets, *, nbytes=None, flops=None,
+             reps=20, extra=None):
+    row = dict(kind=kind, case=label, backend=fn_name, **(extra or {}))
+    if time.monotonic() > DEADLINE:
+        row["error"] = "skipped: --budget-s ran out"
+        results.append(row)
+        save()
+        return row
+    try:
+        t_host = timeit(fn, arg_sets, reps=reps, first=row)
         row["us_host_loop"] = t_host * 1e6
         t = t_host
-        if DEVICE_LOOP:
+        if t_host * 1e6 < DEVICE_LOOP_UNDER_US:
             t_dev = timeit_device_loop(fn, arg_sets)
             row["us_dev_loop"] = t_dev * 1e6
             t = min(t_host, t_dev)
@@ -176,12 +251,47 @@ def run_case(results, kind, label, fn_name, fn, arg_sets, *, nbytes=None, flops=
             row["MB"] = nbytes / 1e6
         if flops is not None:
             row["TFLOPs"] = flops / t / 1e12
+        ceil = STATE.get("ceilings", {})
+        if nbytes is not None and kind == "decode" and "copy_bw" in ceil:
+            row["frac_copy"] = nbytes / t / ceil["copy_bw"]
+        if flops is not None and kind == "prefill" and "matmul_flops" in ceil:
+            row["frac_mm"] = flops / t / ceil["matmul_flops"]
     except Exception as e:
         traceback.print_exc()
         row["error"] = f"{type(e).__name__}: {e}"[:300]
     results.append(row)
     print(json.dumps(row), flush=True)
+    save()
     return row
+
+
+def triton_plan(q_lens, kv_lens, hq, hkv, d, knobs) -> dict | None:
+    """The Triton kernel's launch plan for a case (for the report), or None."""
+    try:
+        from pallas_kernels.ragged_paged_attention import gpu_triton as gt
+        pps = max(-(-k // PAGE) for k in kv_lens)
+        return dict(vars(gt.plan(sum(q_lens), len(q_lens), pps, PAGE, hq, hkv, d, **knobs)))
+    except Exception as e:  # plan errors show up in the timed call too
+        return dict(error=repr(e)[:100])
+
+
+def sweep_rows(results, kind, label, fns, sets, hq, hkv, d, q_lens, kv_lens, **measure):
+    """The SWEEP knob sets of every backend on one case (defaults are the un-suffixed rows)."""
+    for name, f in fns.items():
+        base = next((b for b in SWEEP if name == b or name.startswith(b + "_")), None)
+        for knobs in SWEEP.get(base, {}).get(kind, []):
+            knobs = dict(knobs)
+            if "splits_x" in knobs:        # relative to the Triton plan's own split count
+                auto = (triton_plan(q_lens, kv_lens, hq, hkv, d, {}) or {}).get("num_splits", 1)
+                knobs = dict(num_splits=max(1, int(auto * knobs.pop("splits_x"))))
+            if accepted(f, knobs) is None:
+                continue
+            g = jax.jit(functools.partial(f, sm_scale=1 / math.sqrt(d), **knobs))
+            extra = dict(sweep=True, knobs=knobs)
+            if name == "triton":
+                extra["plan"] = triton_plan(q_lens, kv_lens, hq, hkv, d, knobs)
+            run_case(results, kind, label, f"{name} {knob_label(knobs)}", g, sets, reps=10,
+                     extra=extra, **measure)
 
 
 def ours(fns, hq, hkv, d, q_lens, kv_lens):
@@ -189,19 +299,36 @@ def ours(fns, hq, hkv, d, q_lens, kv_lens):
     return {n: jax.jit(functools.partial(f, sm_scale=scale)) for n, f in fns.items()}
 
 
-def bench_decode(results, fns, model, batch, ctx, with_baselines):
+def plan_extra(name, q_lens, kv_lens, hq, hkv, d) -> dict:
+    return dict(plan=triton_plan(q_lens, kv_lens, hq, hkv, d, {})) if name == "triton" else {}
+
+
+def out_of_budget(results, kind, label) -> bool:
+    """Past --budget-s: records the case as skipped (no inputs built) and returns True."""
+    if time.monotonic() <= DEADLINE:
+        return False
+    results.append(dict(kind=kind, case=label, backend="*", error="skipped: --budget-s ran out"))
+    print(json.dumps(results[-1]), flush=True)
+    save()
+    return True
+
+
+def bench_decode(results, fns, model, batch, ctx, with_baselines, sweep=False):
     hq, hkv, d = MODELS[model]
     kvl = [ctx] * batch
     nbytes = kv_bytes(kvl, hkv, d)
     copies = min(4, max(1, -(-4 * L2_BYTES // nbytes)))
     label = f"{model} decode b{batch} ctx{ctx}"
+    if out_of_budget(results, "decode", label):
+        return
     sets = ragged_inputs([1] * batch, kvl, hq, hkv, d, copies=copies)
+    if sweep:
+        sweep_rows(results, "decode", label, fns, sets, hq, hkv, d, [1] * batch, kvl,
+                   nbytes=nbytes)
+        return
     for n, f in ours(fns, hq, hkv, d, [1] * batch, kvl).items():
-        run_case(results, "decode", label, n, f, sets, nbytes=nbytes)
-    if "triton" in fns and batch * ctx >= 32 * 8192:   # tuning variant: deeper pipeline
-        f = jax.jit(functools.partial(fns["triton"], sm_scale=1 / math.sqrt(d), num_stages=3,
-                                      block_n=128))
-        run_case(results, "decode", label, "triton bn128 s3", f, sets, nbytes=nbytes)
+        run_case(results, "decode", label, n, f, sets, nbytes=nbytes,
+                 extra=plan_extra(n, [1] * batch, kvl, hq, hkv, d))
     if with_baselines and nbytes <= (2 << 30):
         ref = jax.jit(functools.partial(ref_ragged_paged_attention, sm_scale=1 / math.sqrt(d)))
         run_case(results, "decode", label, "xla_ref", ref, sets, nbytes=nbytes)
@@ -229,18 +356,20 @@ def bench_decode(results, fns, model, batch, ctx, with_baselines):
         del sets
 
 
-def bench_prefill(results, fns, model, batch, seqlen, with_baselines):
+def bench_prefill(results, fns, model, batch, seqlen, with_baselines, sweep=False):
     hq, hkv, d = MODELS[model]
     ql = [seqlen] * batch
     flops = causal_flops(ql, ql, hq, d)
     label = f"{model} prefill {batch}x{seqlen}"
+    if out_of_budget(results, "prefill", label):
+        return
     sets = ragged_inputs(ql, ql, hq, hkv, d)
+    if sweep:
+        sweep_rows(results, "prefill", label, fns, sets, hq, hkv, d, ql, ql, flops=flops)
+        return
     for n, f in ours(fns, hq, hkv, d, ql, ql).items():
-        run_case(results, "prefill", label, n, f, sets, flops=flops)
-    if "triton" in fns:   # tuning variant: 128-row tiles, 8 warps, 3 stages
-        f = jax.jit(functools.partial(fns["triton"], sm_scale=1 / math.sqrt(d), block_m=128,
-                                      num_warps=8, num_stages=3))
-        run_case(results, "prefill", label, "triton bm128 w8 s3", f, sets, flops=flops)
+        run_case(results, "prefill", label, n, f, sets, flops=flops,
+                 extra=plan_extra(n, ql, ql, hq, hkv, d))
     del sets
     if with_baselines:
         try:
@@ -264,12 +393,15 @@ def bench_mixed(results, fns, model):
     dec_q, dec_kv = [1] * 200, [4096] * 200
     pre_q, pre_kv = [2048], [2048]
     parts = {}
+    if out_of_budget(results, "mixed", f"{model} mixed"):
+        return
     for label, ql, kvl in (("decodes", dec_q, dec_kv), ("prefill", pre_q, pre_kv),
                            ("mixed", dec_q + pre_q, dec_kv + pre_kv)):
         sets = ragged_inputs(ql, kvl, hq, hkv, d)
         for n, f in ours(fns, hq, hkv, d, ql, kvl).items():
             r = run_case(results, "mixed", f"{model} mixed:{label}", n, f, sets,
-                         nbytes=kv_bytes(kvl, hkv, d), flops=causal_flops(ql, kvl, hq, d))
+                         nbytes=kv_bytes(kvl, hkv, d), flops=causal_flops(ql, kvl, hq, d),
+                         extra=plan_extra(n, ql, kvl, hq, hkv, d))
             parts[(n, label)] = r.get("us")
         del sets
     for n in fns:
@@ -302,29 +434,76 @@ def markdown(path: str, skip: tuple[str, ...] = ()) -> str:
         pc = f"{100 * r['frac_copy']:.0f}%" if "frac_copy" in r else ""
         pm = f"{100 * r['frac_mm']:.0f}%" if "frac_mm" in r else ""
         both = f('us_dev_loop', '%.1f')
+        note = "best" if r.get("best") else ""
         lines.append(f"| {r['case']} | {r['backend']} | {r['us']:.1f} | {both} | {f('GBps', '%.0f')} | "
-                     f"{pc} | {f('TFLOPs', '%.1f')} | {pm} | |")
+                     f"{pc} | {f('TFLOPs', '%.1f')} | {pm} | {note} |")
     return "\n".join(lines)
 
 
+def mark_best(results) -> None:
+    """Sets ``best`` on the fastest timed row of each (case, backend family) with more than one
+    row (a family: a kernel's default row and its sweep rows)."""
+    groups = {}
+    for r in results:
+        if "us" in r and "error" not in r:
+            groups.setdefault((r["case"], r["backend"].split(" ")[0]), []).append(r)
+    for rows in groups.values():
+        for r in rows:
+            r.pop("best", None)
+        if len(rows) > 1:
+            min(rows, key=lambda r: r["us"])["best"] = True
+
+
+def print_table(results, ceil) -> None:
+    print(f"\ncopy {ceil['copy_bw'] / 1e12:.2f} TB/s   matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    print(f"{'case':36s} {'backend':30s} {'us':>9s} {'dev us':>8s} {'GB/s':>7s} {'%copy':>6s} "
+          f"{'TFLOP/s':>8s} {'%mm':>5s}")
+    for r in results:
+        if "ratio" in r:
+            print(f"{r['case']:36s} {r['backend']:30s} ratio {r['ratio']:.2f}")
+            continue
+        if "error" in r:
+            print(f"{r['case']:36s} {r['backend']:30s} ERROR {r['error'][:60]}")
+            continue
+        dv = f"{r['us_dev_loop']:8.1f}" if "us_dev_loop" in r else " " * 8
+        g = f"{r['GBps']:7.0f}" if "GBps" in r else " " * 7
+        fc = f"{100 * r['frac_copy']:5.0f}%" if "frac_copy" in r else " " * 6
+        tf = f"{r['TFLOPs']:8.1f}" if "TFLOPs" in r else " " * 8
+        fm = f"{100 * r['frac_mm']:4.0f}%" if "frac_mm" in r else " " * 5
+        best = " *best" if r.get("best") else ""
+        print(f"{r['case']:36s} {r['backend']:30s} {r['us']:9.1f} {dv} {g} {fc} {tf} {fm}{best}")
+
+
 def main():
+    global DEVICE_LOOP_UNDER_US, DEADLINE, OUT_JSON
     ap = argparse.ArgumentParser()
     ap.add_argument("--markdown", default=None, help="print a saved JSON as markdown and exit")
     ap.add_argument("--skip", default="", help="with --markdown: backends to leave out")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--backends", default="triton,mosaic_gpu")
+    ap.add_argument("--backends", default="triton,mosaic_gpu",
+                    help="comma-separated kernel names the dispatch knows (+ mosaic_gpu_lane/_wg)")
     ap.add_argument("--quick", action="store_true", help="llama only, fewer cases")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="after the default cases, time the SWEEP knob sets on SWEEP_CASES")
+    ap.add_argument("--sweep-only", action="store_true", help="only the sweep (and the ceilings)")
+    ap.add_argument("--device-loop-under-us", type=float, default=DEVICE_LOOP_UNDER_US,
+                    help="also time cases faster than this in a jitted device loop (0: never)")
     ap.add_argument("--device-loop", action="store_true",
-                    help="also time n calls inside one jitted fori_loop (device-side timing)")
+                    help="time every case in a device loop too (same as a huge threshold)")
+    ap.add_argument("--budget-s", type=float, default=400.0,
+                    help="wall-clock seconds for the whole run; cases left after it are skipped")
     a = ap.parse_args()
     if a.markdown:
         print(markdown(a.markdown, tuple(x for x in a.skip.split(",") if x)))
         return
-    global DEVICE_LOOP
-    DEVICE_LOOP = a.device_loop
+    t_start = time.monotonic()
+    DEADLINE = t_start + a.budget_s
+    DEVICE_LOOP_UNDER_US = float("inf") if a.device_loop else a.device_loop_under_us
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    OUT_JSON = Path(a.out, "bench_attention.json")
     dev = jax.devices()[0]
-    info = dict(device=str(dev.device_kind), jax=jax.__version__)
+    info = dict(device=str(dev.device_kind), jax=jax.__version__, argv=sys.argv[1:])
     try:
         import triton
         info["triton"] = triton.__version__
@@ -333,40 +512,34 @@ def main():
     print(info, flush=True)
     ceil = ceilings()
     print(json.dumps(ceil), flush=True)
+    STATE.update(info=info, ceilings=ceil)
     fns = our_backends(a.backends.split(","))
-    results = []
+    results = RESULTS
     models = ["llama3.1-8b"] if a.quick else list(MODELS)
-    for model in models:
-        for batch in (1, 32, 256):
-            for ctx in (1024, 8192, 32768):
-                if a.quick and (batch, ctx) not in ((1, 32768), (32, 8192), (256, 8192)):
-                    continue
-                bench_decode(results, fns, model, batch, ctx, not a.no_baselines)
-        for batch, seqlen in ((1, 8192), (16, 512)):
-            bench_prefill(results, fns, model, batch, seqlen, not a.no_baselines)
-        bench_mixed(results, fns, model)
-    for r in results:
-        if "GBps" in r and r.get("kind") == "decode":
-            r["frac_copy"] = r["GBps"] * 1e9 / ceil["copy_bw"]
-        if "TFLOPs" in r and r.get("kind") == "prefill":
-            r["frac_mm"] = r["TFLOPs"] * 1e12 / ceil["matmul_flops"]
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    Path(a.out, "bench_attention.json").write_text(
-        json.dumps(dict(info=info, ceilings=ceil, results=results), indent=1))
-    print(f"\ncopy {ceil['copy_bw'] / 1e12:.2f} TB/s   matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s")
-    print(f"{'case':36s} {'backend':26s} {'us':>9s} {'GB/s':>7s} {'%copy':>6s} {'TFLOP/s':>8s} {'%mm':>5s}")
-    for r in results:
-        if "ratio" in r:
-            print(f"{r['case']:36s} {r['backend']:26s} ratio {r['ratio']:.2f}")
-            continue
-        if "error" in r:
-            print(f"{r['case']:36s} {r['backend']:26s} ERROR {r['error'][:60]}")
-            continue
-        g = f"{r['GBps']:7.0f}" if "GBps" in r else " " * 7
-        fc = f"{100 * r['frac_copy']:5.0f}%" if "frac_copy" in r else " " * 6
-        tf = f"{r['TFLOPs']:8.1f}" if "TFLOPs" in r else " " * 8
-        fm = f"{100 * r['frac_mm']:4.0f}%" if "frac_mm" in r else " " * 5
-        print(f"{r['case']:36s} {r['backend']:26s} {r['us']:9.1f} {g} {fc} {tf} {fm}")
+    baselines = not a.no_baselines
+    decode_cases = [(b, c) for b in (1, 32, 256) for c in (1024, 8192, 32768)
+                    if not a.quick or (b, c) in ((1, 32768), (32, 8192), (256, 8192))]
+    prefill_cases = ((1, 8192), (16, 512))
+    if not a.sweep_only:
+        for model in models:
+            for batch, ctx in decode_cases:
+                bench_decode(results, fns, model, batch, ctx, baselines)
+            for batch, seqlen in prefill_cases:
+                bench_prefill(results, fns, model, batch, seqlen, baselines)
+            bench_mixed(results, fns, model)
+    if a.sweep or a.sweep_only:
+        for model in models:
+            for batch, ctx in decode_cases:
+                if (model, "decode", batch, ctx) in SWEEP_CASES:
+                    bench_decode(results, fns, model, batch, ctx, False, sweep=True)
+            for batch, seqlen in prefill_cases:
+                if (model, "prefill", batch, seqlen) in SWEEP_CASES:
+                    bench_prefill(results, fns, model, batch, seqlen, False, sweep=True)
+    mark_best(results)
+    STATE["info"]["wall_s"] = round(time.monotonic() - t_start, 1)
+    save()
+    print_table(results, ceil)
+    print(f"wall {STATE['info']['wall_s']} s (budget {a.budget_s} s)")
 
 
 if __name__ == "__main__":

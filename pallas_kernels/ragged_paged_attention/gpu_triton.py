@@ -74,22 +74,23 @@ def _tile(q, acc, l_i, m_i, kv_ptr, pages_ptr, start, k_lo, k_hi, q_pos, h, scal
     k = k.to(q.dtype)                                 # k: [BN, D]
     v = v.to(q.dtype)                                 # v: [BN, D]
     s = tl.dot(q, tl.trans(k))                        # s: [BM, BN] raw q.k
+    scale = scale_log2                                # scores in log2 units = s * scale
     if HAS_CAP:
         # soft_cap * tanh(x / soft_cap), x = q.k * sm_scale; kept in log2 units.
         x = s * (scale_log2 * _LN2) / soft_cap
         s = soft_cap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (1.0 / _LN2)
-    else:
-        s = s * scale_log2
+        scale = 1.0
     if MASKED:
         mask = ld_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if WINDOW > 0:
             mask = mask & (k_pos[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(mask, s, _NEG_INF)
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # The scale (> 0) goes on the row max, and into one FMA per score below.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
     m_safe = m_new                                    # unmasked: every score finite
     if MASKED:                                        # a row may have seen no key yet
         m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)

@@ -221,9 +221,10 @@ class ModelRunner:
         """Compile every program of every bucket. Returns the seconds taken.
 
         Tracing is Python (serial); XLA compilation releases the GIL, so the programs compile in
-        parallel threads. The runner then calls the compiled executables directly (no jit cache
-        lookup on the hot path). Two phases: the model steps, then the prompt-logprob programs,
-        which take the step's hidden-state output and need its sharding.
+        parallel threads while the next one is traced. The runner then calls the compiled
+        executables directly (no jit cache lookup on the hot path). The prompt-logprob programs take
+        the step's hidden-state output and need its sharding: on one device it is known up front and
+        they join the same batch; over a mesh they wait for the steps' compiled output shardings.
         """
         t0 = time.perf_counter()
         jobs = {("step", b): (self._step, self._step_args(self._empty_batch(b))) for b in self.buckets}
@@ -231,14 +232,23 @@ class ModelRunner:
             for s in self.decode_buckets:
                 hb = self._empty_batch(Bucket(s, s))
                 jobs[("decode", s)] = (self._multi_decode, self._multi_args(hb, np.zeros(s, np.int32)))
-        self._compile_jobs(jobs, "Compiling", progress)
-        lp_jobs = {}
-        for b in self.buckets:
-            hidden = self._programs[("step", b)].output_shardings[2]
-            abstract = jax.ShapeDtypeStruct((b.num_tokens, self.hidden_size), self.kv_dtype, sharding=hidden)
-            lp_jobs[("lp", b.num_tokens)] = (self._prompt_lp, (self.state, abstract,
+
+        def lp_jobs(sharding_of) -> dict:
+            out = {}
+            for b in self.buckets:
+                abstract = jax.ShapeDtypeStruct((b.num_tokens, self.hidden_size), self.kv_dtype,
+                                                sharding=sharding_of(b))
+                out[("lp", b.num_tokens)] = (self._prompt_lp, (self.state, abstract,
                                                                np.zeros(b.num_tokens, np.int32)))
-        self._compile_jobs(lp_jobs, "Compiling prompt logprobs", progress)
+            return out
+
+        if self.mesh is None and jax.process_count() == 1:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            self._compile_jobs({**jobs, **lp_jobs(lambda b: device)}, "Compiling", progress)
+        else:
+            self._compile_jobs(jobs, "Compiling", progress)
+            self._compile_jobs(lp_jobs(lambda b: self._programs[("step", b)].output_shardings[2]),
+                               "Compiling prompt logprobs", progress)
         temp = max((p.memory_analysis().temp_size_in_bytes for p in self._programs.values()
                     if p.memory_analysis() is not None), default=0)
         if temp > self._reserve:
@@ -248,16 +258,19 @@ class ModelRunner:
         return time.perf_counter() - t0
 
     def _compile_jobs(self, jobs: dict, desc: str, progress: bool) -> None:
-        with self._mesh_ctx():
-            lowered = {key: fn.lower(*args) for key, (fn, args) in
-                       tqdm(jobs.items(), desc=f"Tracing ({desc.lower()})", disable=not progress, leave=False)}
-        workers = max(1, min(len(lowered), os.cpu_count() or 1, 8))
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(lowered), desc=desc, disable=not progress,
+        """Trace and lower each program (Python, serial) and hand it to a compile thread at once:
+        XLA compiles (or reads the persistent cache) with the GIL released while the next program
+        is traced, so a cold start overlaps tracing with compilation instead of adding them."""
+        workers = max(1, min(len(jobs), os.cpu_count() or 1, 8))
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), desc=desc, disable=not progress,
                                                         leave=False) as bar:
-            futures = {key: pool.submit(low.compile) for key, low in lowered.items()}
+            futures = {}
+            with self._mesh_ctx():
+                for key, (fn, args) in jobs.items():
+                    futures[key] = pool.submit(fn.lower(*args).compile)
+                    futures[key].add_done_callback(lambda _: bar.update(1))
             for key, fut in futures.items():
                 self._programs[key] = fut.result()
-                bar.update(1)
 
     def _empty_batch(self, bucket: Bucket) -> HostBatch:
         return pack_batch(SchedulerOutput(), bucket, self.block_size, self.pages_per_seq, self.max_model_len)

@@ -179,13 +179,14 @@ def _check_packable(so, prev_sampled: dict[str, int]) -> None:
     assert (hb.prev_rows >= 0).sum() <= len(prev_sampled)
 
 
-def _sched_loop(seed: int, asynchronous: bool, multi_step: bool):
+def _sched_loop(seed: int, asynchronous: bool, multi_step: bool, policy: str = "fcfs"):
     from tests.core.helpers import make_request, make_scheduler
     rng = np.random.default_rng(seed)
     sched = make_scheduler(num_blocks=int(rng.integers(16, 32)), block_size=4, max_num_seqs=6,
-                           max_num_batched_tokens=int(rng.integers(8, 40)), max_model_len=96)
+                           max_num_batched_tokens=int(rng.integers(8, 40)), max_model_len=96, policy=policy)
     reqs = [make_request(f"r{i}", rng.integers(3, 99, int(rng.integers(1, 30))).tolist(),
-                         max_tokens=int(rng.integers(1, 30))) for i in range(10)]
+                         max_tokens=int(rng.integers(1, 30)), priority=int(rng.integers(0, 3)))
+            for i in range(10)]
     arrive = sorted(rng.integers(0, 15, len(reqs)).tolist())
     requests = {r.request_id: r for r in reqs}
     inflight, step, added = None, 0, 0
@@ -212,12 +213,12 @@ def _sched_loop(seed: int, asynchronous: bool, multi_step: bool):
     return {rid: (r.output_token_ids, r.get_finished_reason()) for rid, r in requests.items()}, sched
 
 
-@pytest.mark.parametrize("multi_step", [False, True])
-def test_scheduler_async_order_same_outputs(multi_step):
+@pytest.mark.parametrize("multi_step,policy", [(False, "fcfs"), (True, "fcfs"), (False, "priority")])
+def test_scheduler_async_order_same_outputs(multi_step, policy):
     preemptions = 0
     for seed in range(25):
-        ref, _ = _sched_loop(seed, False, multi_step)
-        got, sched = _sched_loop(seed, True, multi_step)
+        ref, _ = _sched_loop(seed, False, multi_step, policy)
+        got, sched = _sched_loop(seed, True, multi_step, policy)
         preemptions += sched.num_preemptions
         for rid in ref:
             if rid == "r4":  # aborted at a step: both a prefix of the same sequence

@@ -260,17 +260,99 @@ class ModelRunner:
     def _compile_jobs(self, jobs: dict, desc: str, progress: bool) -> None:
         """Trace and lower each program (Python, serial) and hand it to a compile thread at once:
         XLA compiles (or reads the persistent cache) with the GIL released while the next program
-        is traced, so a cold start overlaps tracing with compilation instead of adding them."""
+        is traced, so a cold start overlaps tracing with compilation instead of adding them.
+
+        With a persistent compilation cache directory (single device, one process), each compiled
+        program is also kept serialized in ``<dir>/jaxllm-programs/``, keyed by what determines it:
+        the traced jaxpr and its constants, the arguments' shapes, dtypes, shardings and donation,
+        the model graph, the engine config, the jaxllm/pallas_kernels sources and the jax versions
+        and devices. A warm start then only traces: lowering (where the Pallas kernels are generated,
+        ~1 s per program on the H100) and XLA's own cache lookup are skipped.
+        """
+        import hashlib
+        import pickle
+
+        from jax.experimental import serialize_executable
+
+        cache_dir = jax.config.jax_compilation_cache_dir
+        if not cache_dir or self.mesh is not None or jax.process_count() > 1:
+            cache_dir = None
+        else:
+            cache_dir = os.path.join(cache_dir, "jaxllm-programs")
+            os.makedirs(cache_dir, exist_ok=True)
+            if not hasattr(self, "_program_key_base"):
+                import importlib.metadata
+                import pallas_kernels
+                import jaxllm
+                h = hashlib.sha256()
+                for pkg in (jaxllm, pallas_kernels):
+                    root = os.path.dirname(pkg.__file__)
+                    for d, _, files in sorted(os.walk(root)):
+                        for f in sorted(x for x in files if x.endswith(".py")):
+                            with open(os.path.join(d, f), "rb") as fh:
+                                h.update(f.encode() + fh.read())
+                versions = []
+                for dist in ("jax", "jaxlib", "flax", "jax-triton", "triton"):
+                    try:
+                        versions.append((dist, importlib.metadata.version(dist)))
+                    except importlib.metadata.PackageNotFoundError:
+                        pass
+                dev = jax.devices()[0]
+                h.update(repr((versions, dev.platform, dev.device_kind, dev.client.platform_version,
+                               os.environ.get("XLA_FLAGS"), sorted(jax.config.values.items(), key=str),
+                               repr(self.config), repr(self.graphdef))).encode())
+                self._program_key_base = h.hexdigest()
+
+        def program_key(traced, args) -> str:
+            h = hashlib.sha256(self._program_key_base.encode())
+            h.update(str(traced.jaxpr).encode())
+            for c in traced.jaxpr.consts:
+                h.update(np.asarray(c).tobytes())
+            h.update(repr([(np.shape(x), str(getattr(x, "dtype", type(x))), repr(getattr(x, "sharding", None)))
+                           for x in jax.tree.leaves(args)]).encode())
+            h.update(repr([a.donated for a in jax.tree.leaves(traced.args_info)]).encode())
+            return os.path.join(cache_dir, h.hexdigest() + ".pkl")
+
+        def compile_and_store(lowered, path):
+            compiled = lowered.compile()
+            if path is not None:
+                try:
+                    blob = pickle.dumps(serialize_executable.serialize(compiled))
+                    with open(path + ".tmp", "wb") as f:
+                        f.write(blob)
+                    os.replace(path + ".tmp", path)
+                except Exception as e:  # noqa: BLE001 - a program that cannot be stored is just compiled
+                    logger.debug("not storing program %s: %s", path, e)
+            return compiled
+
+        def load(path):
+            try:
+                with open(path, "rb") as f:
+                    return serialize_executable.deserialize_and_load(*pickle.load(f))
+            except Exception as e:  # noqa: BLE001 - a stale or broken entry is recompiled
+                logger.warning("ignoring cached program %s (%s); compiling it", path, e)
+                return None
+
         workers = max(1, min(len(jobs), os.cpu_count() or 1, 8))
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), desc=desc, disable=not progress,
                                                         leave=False) as bar:
-            futures = {}
+            futures, paths = {}, {}
             with self._mesh_ctx():
                 for key, (fn, args) in jobs.items():
-                    futures[key] = pool.submit(fn.lower(*args).compile)
+                    traced = fn.trace(*args)
+                    paths[key] = path = program_key(traced, args) if cache_dir else None
+                    if path is not None and os.path.isfile(path):
+                        futures[key] = pool.submit(load, path)
+                    else:
+                        futures[key] = pool.submit(compile_and_store, traced.lower(), path)
                     futures[key].add_done_callback(lambda _: bar.update(1))
             for key, fut in futures.items():
-                self._programs[key] = fut.result()
+                prog = fut.result()
+                if prog is None:  # the stored program failed to load: compile it and store it again
+                    fn, args = jobs[key]
+                    with self._mesh_ctx():
+                        prog = compile_and_store(fn.trace(*args).lower(), paths[key])
+                self._programs[key] = prog
 
     def _empty_batch(self, bucket: Bucket) -> HostBatch:
         return pack_batch(SchedulerOutput(), bucket, self.block_size, self.pages_per_seq, self.max_model_len)

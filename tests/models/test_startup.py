@@ -175,3 +175,47 @@ def test_step_hlo_holds_one_layer_body():
     assert text.count("call @_layer_apply") == 4
     # The cache stays donated: each of the 4 KV inputs is aliased to an output.
     assert text.count("tf.aliasing_output") == 4
+
+
+# ------------------------------------------------------------------ stored programs (warm start)
+_START = """
+import json, sys, jax
+lowered = []
+real_lower = jax.stages.Traced.lower
+jax.stages.Traced.lower = lambda self, *a, **k: (lowered.append(1), real_lower(self, *a, **k))[1]
+from jaxllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=32,
+          num_decode_steps=2, compilation_cache_dir=sys.argv[2], progress=False)
+out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)
+print(json.dumps({"lowered": len(lowered), "programs": llm.stats()["num_compilations"],
+                  "tokens": out[0].outputs[0].token_ids}))
+"""
+
+
+def test_warm_start_loads_stored_programs_without_lowering(tiny_llama_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def start() -> tuple[dict, str]:
+        proc = subprocess.run([sys.executable, "-c", _START, tiny_llama_dir, str(tmp_path)], capture_output=True,
+                              text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+    cold, _ = start()
+    programs = tmp_path / "jaxllm-programs"
+    stored = sorted(os.listdir(programs))
+    assert cold["lowered"] == cold["programs"] == len(stored) > 0
+    broken = programs / stored[0]
+    good = broken.read_bytes()
+    broken.write_bytes(b"not a program")
+    # Warm: every stored program loads without lowering, except the broken one, which is compiled
+    # again (with a warning) and stored again.
+    warm, log = start()
+    assert warm["lowered"] == 1 and warm["programs"] == cold["programs"]
+    assert "ignoring cached program" in log
+    assert warm["tokens"] == cold["tokens"]
+    assert sorted(os.listdir(programs)) == stored
+    assert broken.read_bytes()[:2] == good[:2] and len(broken.read_bytes()) > 1000   # a pickle again

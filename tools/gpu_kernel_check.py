@@ -12,7 +12,7 @@ rel = ||out - ref|| / ||ref|| must be < 1e-2 and the output NaN-free.
 
 ``--lower-only`` (any host, no GPU needed) lowers each Mosaic GPU backend for CUDA instead of
 running it: Mosaic GPU's lowering and layout inference see every case's shapes. Backend names:
-``triton`` and ``mosaic_gpu[_ws][_lane|_wg][:bn<int>,s<int>,sp<int>]`` (see
+``triton`` and ``mosaic_gpu[_ws][_lane|_wg][:bn<int>][:s<int>][:sp<int>]`` (see
 ``gpu_mosaic.kernel_from_name``).
 """
 
@@ -127,7 +127,7 @@ def load_backends(names: list[str]) -> dict:
             if name == "triton":
                 from pallas_kernels.ragged_paged_attention.gpu_triton import (
                     ragged_paged_attention_triton as fn)
-            elif name.startswith("mosaic_gpu"):   # mosaic_gpu[_ws][_lane|_wg][:knobs]
+            elif name.startswith("mosaic_gpu"):   # mosaic_gpu[_ws][_lane|_wg][:knob...]
                 from pallas_kernels.ragged_paged_attention.gpu_mosaic import kernel_from_name
                 fn = kernel_from_name(name)
             else:

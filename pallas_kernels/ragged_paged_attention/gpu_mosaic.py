@@ -17,7 +17,7 @@ Block -> (sequence, rows, KV tile range) metadata is computed by a few XLA ops f
 from __future__ import annotations
 
 import functools
-import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ from pallas_kernels.ragged_paged_attention import gpu_common
 BLOCK_M = 64                    # rows per program: one warpgroup's wgmma M
 _MASK = -1e30                   # finite: fully masked rows stay NaN-free, later tiles wipe them
 _LOG2E = 1.4426950408889634
-SMEM_BYTES = 200 * 1024         # of the 227 KiB a Hopper CTA may use, leave room for barriers
+SMEM_BYTES = 220 * 1024         # of the 227 KiB a Hopper CTA may use: room for barriers
 # meta columns (i32[NB, 9]) of each row block; keys [_LO, hi) may be seen by some row of it.
 _SEQ, _ROW0, _QPOS0, _R0, _KVLEN, _TBEG, _TEND, _LASTCOL, _LO = range(9)
 
@@ -394,21 +394,22 @@ def _pick_splits(work: int, kv_tiles: int, partial_bytes: int, num_sms: int) -> 
 def kernel_from_name(name: str):
     """The Mosaic GPU kernel a benchmark/check backend name selects, knobs bound.
 
-    ``mosaic_gpu[_ws][_lane|_wg][:knob,...]``: ``_ws`` the warp-specialized prefill kernel
+    ``mosaic_gpu[_ws][_lane|_wg][:knob...]``: ``_ws`` the warp-specialized prefill kernel
     (``gpu_mosaic_ws``), ``_lane`` / ``_wg`` Mosaic GPU's Lane / Warpgroup lowering semantics
-    (default: JAX's), knobs ``bn<block_n>``, ``s<stages>``, ``sp<num_splits>``; e.g.
-    ``mosaic_gpu:bn128,s2,sp16`` or ``mosaic_gpu_ws_lane``.
+    (default: JAX's), knobs ``bn<block_n>``, ``s<stages>``, ``sp<num_splits>`` separated by
+    colons (no commas: the tools split backend lists on them); e.g. ``mosaic_gpu:bn128:s2:sp16``
+    or ``mosaic_gpu_ws_lane``.
     """
-    base, _, knobs = name.partition(":")
+    base, *knobs = name.split(":")
     parts = base.split("_")
     if parts[:2] != ["mosaic", "gpu"] or not set(parts[2:]) <= {"ws", "lane", "wg"}:
-        raise ValueError(f"backend: expected mosaic_gpu[_ws][_lane|_wg][:knobs], got {name!r}")
+        raise ValueError(f"backend: expected mosaic_gpu[_ws][_lane|_wg][:knob...], got {name!r}")
     kw = {"lowering": "Lane" if "lane" in parts else "Warpgroup" if "wg" in parts else None}
-    for k in filter(None, knobs.split(",")):
-        key = {"bn": "block_n", "sp": "num_splits", "s": "stages"}.get(k.rstrip("0123456789"))
-        if key is None or not k[len(k.rstrip("0123456789")):]:
+    for k in knobs:
+        m = re.fullmatch(r"(bn|sp|s)(\d+)", k)
+        if m is None:
             raise ValueError(f"backend: unknown knob {k!r} in {name!r} (bn<int>, s<int>, sp<int>)")
-        kw[key] = int(k[len(k.rstrip("0123456789")):])
+        kw[{"bn": "block_n", "sp": "num_splits", "s": "stages"}[m[1]]] = int(m[2])
     if "ws" in parts:
         from pallas_kernels.ragged_paged_attention.gpu_mosaic_ws import (
             ragged_paged_attention_mosaic_gpu_ws as fn)

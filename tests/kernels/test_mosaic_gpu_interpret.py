@@ -150,15 +150,19 @@ def test_pick_splits_fills_waves_without_tiny_splits(work, kv_tiles):
         assert work * (ns - 1) < gpu_mosaic.SPLIT_WAVES * sms
     if work >= gpu_mosaic.SPLIT_WAVES * sms or kv_tiles < 2 * gpu_mosaic.MIN_SPLIT_TILES:
         assert ns == 1
-    elif ns < gpu_mosaic.MAX_SPLITS:   # not capped: the grid reaches the wave target or tiles ran out
+    elif ns < gpu_mosaic.MAX_SPLITS:   # uncapped: the grid reaches the wave target or tiles ran out
         assert (work * ns >= gpu_mosaic.SPLIT_WAVES * sms
                 or kv_tiles // (ns + 1) < gpu_mosaic.MIN_SPLIT_TILES)
 
 
 def test_kernel_from_name_binds_knobs_and_rejects_unknown_ones():
-    fn = gpu_mosaic.kernel_from_name("mosaic_gpu_lane:bn128,s2,sp16")
+    fn = gpu_mosaic.kernel_from_name("mosaic_gpu_lane:bn128:s2:sp16")
     assert fn.keywords == dict(lowering="Lane", block_n=128, stages=2, num_splits=16)
     assert gpu_mosaic.kernel_from_name("mosaic_gpu").keywords == dict(lowering=None)
-    for bad in ("mosaic_gpu:q3", "mosaic_gpu_fast", "triton", "mosaic_gpu:bn"):
+    ws = gpu_mosaic.kernel_from_name("mosaic_gpu_ws_wg:s3")
+    assert ws.func is gpu_mosaic_ws.ragged_paged_attention_mosaic_gpu_ws
+    assert ws.keywords == dict(lowering="Warpgroup", stages=3)
+    for bad in ("mosaic_gpu:q3", "mosaic_gpu_fast", "triton", "mosaic_gpu:bn",
+                "mosaic_gpu:bn64,s2"):
         with pytest.raises(ValueError, match="^backend:"):
             gpu_mosaic.kernel_from_name(bad)

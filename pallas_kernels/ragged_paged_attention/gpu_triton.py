@@ -328,8 +328,9 @@ def compile_stats(t: int, s: int, pages_per_seq: int, page_size: int, hq: int, h
                   **knobs) -> dict:
     """Compiles ``_rpa_kernel`` for CUDA ``sm_<arch>`` without a GPU (Triton's bundled ptxas)
     and returns the plan with shared memory, registers, spilled bytes and ``pipelined`` (the
-    K/V loads became cp.async copies, i.e. Triton software-pipelined the loop). Pointers are
-    declared 16-byte aligned, as jax_triton does. Not with ``TRITON_INTERPRET=1``."""
+    K/V loads became cp.async copies, i.e. Triton software-pipelined the loop); with splits,
+    the combine kernel is compiled too. Pointers are declared 16-byte aligned, as jax_triton
+    does. Not with ``TRITON_INTERPRET=1``."""
     import re
     import subprocess
     import tempfile
@@ -355,7 +356,20 @@ def compile_stats(t: int, s: int, pages_per_seq: int, page_size: int, hq: int, h
         log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", f.name,
                               "-o", "/dev/null"], capture_output=True, text=True).stderr
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else None  # noqa: E731
+    combine_shared = None
+    if pl.num_splits > 1:       # the combine kernel must compile too
+        cmeta = dict(T=t, HQ=hq, D=d, S=s, NUM_SPLITS=pl.num_splits,
+                     BLOCK_S=max(2, triton.next_power_of_2(pl.num_splits)))
+        csig = dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", cu_ptr="*i32",
+                    num_seqs_ptr="*i32", out_scale="fp32", out_ptr=f"*{dtype}",
+                    **{k: "constexpr" for k in cmeta})
+        cattrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(csig.values())
+                  if v[0] == "*"}
+        combine_shared = triton.compile(
+            ASTSource(_combine_kernel, csig, constexprs=cmeta, attrs=cattrs),
+            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4)).metadata.shared
     return dict(plan=dataclasses.asdict(pl), shared=ck.metadata.shared,
+                combine_shared=combine_shared,
                 regs=num(r"Used (\d+) registers"), spill_bytes=num(r"(\d+) bytes spill stores"),
                 pipelined=ck.asm["ttgir"].count("async_copy_global_to_local") > 0)
 

@@ -235,6 +235,7 @@ def test_compiles_for_hopper_pipelined_without_spills():
     for st in stats[:2]:
         assert st["pipelined"] and st["spill_bytes"] == 0, st
         assert 0 < st["shared"] <= 227 * 1024, st
+    assert stats[0]["plan"]["num_splits"] > 1 and stats[0]["combine_shared"] is not None
     assert not stats[2]["pipelined"], stats[2]
 
 

@@ -436,8 +436,8 @@ def markdown(path: str, skip: tuple[str, ...] = ()) -> str:
         pm = f"{100 * r['frac_mm']:.0f}%" if "frac_mm" in r else ""
         both = f('us_dev_loop', '%.1f')
         note = "best" if r.get("best") else ""
-        lines.append(f"| {r['case']} | {r['backend']} | {r['us']:.1f} | {both} | {f('GBps', '%.0f')} | "
-                     f"{pc} | {f('TFLOPs', '%.1f')} | {pm} | {note} |")
+        lines.append(f"| {r['case']} | {r['backend']} | {r['us']:.1f} | {both} | "
+                     f"{f('GBps', '%.0f')} | {pc} | {f('TFLOPs', '%.1f')} | {pm} | {note} |")
     return "\n".join(lines)
 
 
@@ -456,7 +456,8 @@ def mark_best(results) -> None:
 
 
 def print_table(results, ceil) -> None:
-    print(f"\ncopy {ceil['copy_bw'] / 1e12:.2f} TB/s   matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    print(f"\ncopy {ceil['copy_bw'] / 1e12:.2f} TB/s   "
+          f"matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s")
     print(f"{'case':36s} {'backend':30s} {'us':>9s} {'dev us':>8s} {'GB/s':>7s} {'%copy':>6s} "
           f"{'TFLOP/s':>8s} {'%mm':>5s}")
     for r in results:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import numpy as np
@@ -166,3 +167,17 @@ def test_kernel_from_name_binds_knobs_and_rejects_unknown_ones():
                 "mosaic_gpu:bn64,s2"):
         with pytest.raises(ValueError, match="^backend:"):
             gpu_mosaic.kernel_from_name(bad)
+
+
+@pytest.mark.skipif(os.environ.get("JAXLLM_WS_INTERPRET") != "1",
+                    reason="the 3-warpgroup kernel hangs in the GPU interpreter on the 2-core CI "
+                           "host (one kernel thread never starts: likely XLA CPU worker "
+                           "starvation); opt in with JAXLLM_WS_INTERPRET=1 on a bigger host")
+@pytest.mark.parametrize("case,knobs", WS_CASES[:3], ids=IDS[:3])
+def test_ws_interpret_matches_reference(case, knobs):
+    """Opt-in: never completed on the 2-core CI host (see the skip reason)."""
+    fn, args, n_tok = _run(case, knobs, interpret=True, ws=True)
+    out = np.asarray(fn(*args)[:n_tok], np.float32)
+    ref, _ = truths(case, 0, False)
+    assert np.isfinite(out).all(), "NaN from slots the queries cannot see leaked into the output"
+    np.testing.assert_allclose(out, ref, atol=ELEM_TOL, rtol=ELEM_TOL)

@@ -75,7 +75,7 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, q_smem2, k_smem, v_smem, q_b
         q_pos = qpos0 + lax.div(r0 + wg * WG_ROWS + rows, jnp.int32(group))  # [64, BN]
         pl.when(wg == 1)(schedule_barrier)                  # wg 1 starts half a step behind
 
-        def body(tile, carry):
+        def body(tile, carry, masked=True):
             acc, m_i, l_i = carry
             slot = lax.rem(tile - tbeg, jnp.int32(stages))
             plgpu.barrier_wait(k_bar.at[slot])
@@ -94,11 +94,12 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, q_smem2, k_smem, v_smem, q_b
                 s = jnp.tanh(s * (scale_log2 / gm._LOG2E / soft_cap)) * (soft_cap * gm._LOG2E)
             else:
                 s = s * scale_log2
-            k_pos = tile * block_n + cols
-            mask = (k_pos <= q_pos) & (k_pos < kv_len)
-            if window is not None:
-                mask = mask & (k_pos > q_pos - window)
-            s = jnp.where(mask, s, gm._MASK)
+            if masked:
+                k_pos = tile * block_n + cols
+                mask = (k_pos <= q_pos) & (k_pos < kv_len)
+                if window is not None:
+                    mask = mask & (k_pos > q_pos - window)
+                s = jnp.where(mask, s, gm._MASK)
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -108,8 +109,9 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, q_smem2, k_smem, v_smem, q_b
             acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
             plgpu.barrier_arrive(sched)                      # softmax done
             plgpu.barrier_wait(v_bar.at[slot])
-            gm._zero_invisible_v(v_smem.at[slot], tile, kv_len, lo, block_n=block_n,
-                                 window=window, iota=iota)
+            if masked:
+                gm._zero_invisible_v(v_smem.at[slot], tile, kv_len, lo, block_n=block_n,
+                                     window=window, iota=iota)
             plgpu.barrier_wait(sched)                        # tensor cores free
 
             def pv(acc_ref):
@@ -121,7 +123,15 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, q_smem2, k_smem, v_smem, q_b
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l_i
 
-        acc, m_i, l_i = lax.fori_loop(tbeg, tend, body, (acc, m_i, l_i))
+        # Without a window, tiles wholly below this warpgroup's first query position (and below
+        # kv_len) are visible to all its rows: no mask, no V fix-up there (as attention_mgpu).
+        t_full = tbeg
+        if window is None:
+            first_pos = qpos0 + lax.div(r0 + wg * WG_ROWS, jnp.int32(group))
+            t_full = jnp.clip(jnp.minimum(first_pos + 1, kv_len) // block_n, tbeg, tend)
+        carry = lax.fori_loop(tbeg, t_full, functools.partial(body, masked=False),
+                              (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(t_full, tend, body, carry)
         pl.when(wg == 0)(schedule_barrier)                  # balance wg 1's head start
         l_safe = jnp.maximum(l_i, 1e-30)
         q_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
@@ -182,7 +192,7 @@ def ragged_paged_attention_mosaic_gpu_ws(
     k_scale: float | None = None,
     v_scale: float | None = None,
     interpret: bool = False,
-    stages: int = 2,
+    stages: int = 3,
     lowering: str | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
@@ -190,7 +200,7 @@ def ragged_paged_attention_mosaic_gpu_ws(
     """Warp-specialized ragged paged attention (contract of ``ragged_paged_attention``).
 
     Same limits and knobs as ``gpu_mosaic.ragged_paged_attention_mosaic_gpu`` except that
-    ``num_splits`` must be None or 1 (no split-K here) and ``stages`` defaults to 2.
+    ``num_splits`` must be None or 1 (no split-K here).
     """
     if num_splits not in (None, 1):
         raise ValueError(f"num_splits: the warp-specialized kernel has no KV splits (None or 1), "

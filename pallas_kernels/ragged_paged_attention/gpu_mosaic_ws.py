@@ -70,9 +70,6 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, q_smem2, k_smem, v_smem, q_b
         m_i = cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = cast(jnp.full((WG_ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = cast(jnp.full((WG_ROWS, q_smem.shape[-1]), 0, jnp.float32), plgpu.Layout.WGMMA)
-        rows = iota(jnp.int32, (WG_ROWS, block_n), 0)
-        cols = iota(jnp.int32, (WG_ROWS, block_n), 1)
-        q_pos = qpos0 + lax.div(r0 + wg * WG_ROWS + rows, jnp.int32(group))  # [64, BN]
         pl.when(wg == 1)(schedule_barrier)                  # wg 1 starts half a step behind
 
         def body(tile, carry, masked=True):
@@ -94,8 +91,10 @@ def _kernel(q_ref, kv_ref, pt_ref, meta_ref, o_ref, q_smem2, k_smem, v_smem, q_b
                 s = jnp.tanh(s * (scale_log2 / gm._LOG2E / soft_cap)) * (soft_cap * gm._LOG2E)
             else:
                 s = s * scale_log2
-            if masked:
-                k_pos = tile * block_n + cols
+            if masked:   # iotas built here, not carried: registers are the compute WG's limit
+                rows = iota(jnp.int32, (WG_ROWS, block_n), 0)
+                q_pos = qpos0 + lax.div(r0 + wg * WG_ROWS + rows, jnp.int32(group))  # [64, BN]
+                k_pos = tile * block_n + iota(jnp.int32, (WG_ROWS, block_n), 1)
                 mask = (k_pos <= q_pos) & (k_pos < kv_len)
                 if window is not None:
                     mask = mask & (k_pos > q_pos - window)

@@ -196,6 +196,13 @@ def our_backends(names):
         for suffix, sem in LOWERINGS.items():
             if n.endswith(suffix) and n[:-len(suffix)] in BACKENDS:
                 base, lowering = n[:-len(suffix)], sem
+        if n.startswith("mosaic_gpu"):   # mosaic_gpu[_ws][_lane|_wg][:bn128][:s3][:sp16]
+            try:
+                from pallas_kernels.ragged_paged_attention.gpu_mosaic import kernel_from_name
+                fns[n] = kernel_from_name(n)
+            except Exception as e:
+                print(f"backend {n} unavailable: {e!r}", flush=True)
+            continue
         try:
             if base in ("auto", "reference") or base not in BACKENDS:
                 raise ValueError(f"--backends: {n!r} is not a kernel; known: "

@@ -9,6 +9,7 @@ backend         runs on                                      interpret=True on o
 reference       any platform (pure jnp; the CPU backend)      n/a (always runs)
 mosaic_tpu      tpu                                          yes: TPU interpreter (``tpu.py``)
 mosaic_gpu      gpu with compute capability >= 9.0 (Hopper)  no
+mosaic_gpu_ws   same (warp-specialized prefill kernel)        no
 triton          gpu (via jax_triton)                         no
 ==============  ===========================================  ==================================
 
@@ -30,12 +31,14 @@ import jax.numpy as jnp
 
 from pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
 
-BACKENDS = ("auto", "reference", "mosaic_gpu", "triton", "mosaic_tpu")
+BACKENDS = ("auto", "reference", "mosaic_gpu", "mosaic_gpu_ws", "triton", "mosaic_tpu")
 # backend -> (module, function) for the lazily imported kernels.
 _KERNELS = {
     "mosaic_tpu": ("pallas_kernels.ragged_paged_attention.tpu", "ragged_paged_attention_mosaic_tpu"),
     "mosaic_gpu": ("pallas_kernels.ragged_paged_attention.gpu_mosaic",
                    "ragged_paged_attention_mosaic_gpu"),
+    "mosaic_gpu_ws": ("pallas_kernels.ragged_paged_attention.gpu_mosaic_ws",
+                      "ragged_paged_attention_mosaic_gpu_ws"),
     "triton": ("pallas_kernels.ragged_paged_attention.gpu_triton", "ragged_paged_attention_triton"),
 }
 # Extra modules a backend needs at run time (checked before use, so "auto" can fall back).
@@ -59,7 +62,7 @@ def backends_for_platform(platform: str, compute_capability: float = 0.0) -> tup
     if platform == "tpu":
         return ("mosaic_tpu", "reference")
     if platform == "gpu":
-        return (("mosaic_gpu",) if compute_capability >= 9.0 else ()) + ("triton", "reference")
+        return (("mosaic_gpu", "mosaic_gpu_ws") if compute_capability >= 9.0 else ()) + ("triton", "reference")
     return ("reference",)
 
 
@@ -68,9 +71,9 @@ def kernel_supports(backend: str, q, kv_pages) -> bool:
     _, num_q_heads, head_dim = q.shape
     _, page_size, num_combined, _ = kv_pages.shape
     group = num_q_heads // max(1, num_combined // 2)
-    if backend == "mosaic_gpu":
+    if backend in ("mosaic_gpu", "mosaic_gpu_ws"):
         return (q.dtype in (jnp.bfloat16, jnp.float16) and kv_pages.dtype == q.dtype and head_dim % 64 == 0
-                and page_size % 8 == 0 and page_size <= 256 and group <= 64)
+                and 8 <= page_size <= 256 and page_size & (page_size - 1) == 0 and group <= 64)
     if backend == "triton":
         return head_dim & (head_dim - 1) == 0
     return True

@@ -299,7 +299,8 @@ class ModelRunner:
                         pass
                 dev = jax.devices()[0]
                 h.update(repr((versions, dev.platform, dev.device_kind, dev.client.platform_version,
-                               os.environ.get("XLA_FLAGS"), sorted(jax.config.values.items(), key=str),
+                               jax.device_count(), os.environ.get("XLA_FLAGS"),
+                               sorted(jax.config.values.items(), key=str),
                                repr(self.config), repr(self.graphdef))).encode())
                 self._program_key_base = h.hexdigest()
 
@@ -308,8 +309,8 @@ class ModelRunner:
             h.update(str(traced.jaxpr).encode())
             for c in traced.jaxpr.consts:
                 h.update(np.asarray(c).tobytes())
-            h.update(repr([(np.shape(x), str(getattr(x, "dtype", type(x))), repr(getattr(x, "sharding", None)))
-                           for x in jax.tree.leaves(args)]).encode())
+            h.update(repr([(np.shape(x), str(getattr(x, "dtype", type(x))),
+                            repr(getattr(x, "sharding", None))) for x in jax.tree.leaves(args)]).encode())
             h.update(repr([a.donated for a in jax.tree.leaves(traced.args_info)]).encode())
             return os.path.join(cache_dir, h.hexdigest() + ".pkl")
 
@@ -328,7 +329,9 @@ class ModelRunner:
         def load(path):
             try:
                 with open(path, "rb") as f:
-                    return serialize_executable.deserialize_and_load(*pickle.load(f))
+                    # Single-device programs: load onto that device, not onto every visible one.
+                    return serialize_executable.deserialize_and_load(
+                        *pickle.load(f), execution_devices=[jax.devices()[0]])
             except Exception as e:  # noqa: BLE001 - a stale or broken entry is recompiled
                 logger.warning("ignoring cached program %s (%s); compiling it", path, e)
                 return None

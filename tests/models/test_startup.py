@@ -36,7 +36,8 @@ def _build(arch: str, num_layers: int, dtype=jnp.float32, seed: int = 0, mesh=No
 
 
 def _params(model) -> dict[str, np.ndarray]:
-    return {name: np.asarray(t.var.get_value().astype(jnp.float32)) for name, t in hf_param_map(model).items()}
+    return {name: np.asarray(t.var.get_value().astype(jnp.float32))
+            for name, t in hf_param_map(model).items()}
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +200,9 @@ def test_warm_start_loads_stored_programs_without_lowering(tiny_llama_dir, tmp_p
     import sys
 
     def start() -> tuple[dict, str]:
-        proc = subprocess.run([sys.executable, "-c", _START, tiny_llama_dir, str(tmp_path)], capture_output=True,
-                              text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run([sys.executable, "-c", _START, tiny_llama_dir, str(tmp_path)],
+                              capture_output=True, text=True, timeout=300, cwd=repo)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 

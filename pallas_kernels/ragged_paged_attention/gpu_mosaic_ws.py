@@ -237,7 +237,7 @@ def ragged_paged_attention_mosaic_gpu_ws(
         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),                # V landed
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),             # K consumed
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),             # V consumed
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS),                                  # schedule
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=1),                  # schedule
     )
     body = functools.partial(
         _kernel, group=group, page_size=ps, block_n=block_n, stages=stages,

@@ -326,7 +326,7 @@ def test_auto_backend_matches_platform():
         assert resolve_backend("auto") == "reference"
     assert backends_for_platform("cpu") == ("reference",)
     assert backends_for_platform("tpu")[0] == "mosaic_tpu"
-    assert backends_for_platform("gpu", 9.0)[0] == "mosaic_gpu"
+    assert backends_for_platform("gpu", 9.0)[:2] == ("triton", "mosaic_gpu")   # triton measured faster
     assert backends_for_platform("gpu", 8.0)[0] == "triton"
 
 

@@ -3,6 +3,7 @@
 #   MODEL_8B=llama-3.1-8b ENGINE_FLAGS="..." SERVE_CONC="1 16 64" OUT=dir bash tools/serve_bench_h100.sh
 # Each level sends 16 prompts at concurrency < 4, else 8 x concurrency (128 at 16, 512 at 64) capped
 # at SERVE_MAX_PROMPTS, so the higher levels reach a steady state (arrivals replace finished requests).
+# Each level draws its prompts with its own seed (--seed = concurrency): levels share no prefixes.
 set -u
 PY=${PY:-python3}; OUT=${OUT:-./bench_out}; PORT=${PORT:-8123}
 SERVE_IN=${SERVE_IN:-1024}; SERVE_OUT=${SERVE_OUT:-128}; SERVE_CONC=${SERVE_CONC:-"1 16 64"}
@@ -23,7 +24,7 @@ for c in $SERVE_CONC; do
   if (( c < 4 )); then n=16; else n=$(( 8 * c )); (( n > SERVE_MAX_PROMPTS )) && n=$SERVE_MAX_PROMPTS; fi
   $PY -m jaxllm.entrypoints.cli bench serve --base-url "http://127.0.0.1:$PORT" --model "$MODEL_8B" \
     --num-prompts $n --input-len "$SERVE_IN" --output-len "$SERVE_OUT" --request-rate inf \
-    --max-concurrency $c --num-warmups 2 --vocab-size ${SERVE_VOCAB:-32000} --disable-tqdm --output-json "$OUT/serve_llama8b_c$c.json" || rc=$?
+    --max-concurrency $c --num-warmups 2 --vocab-size ${SERVE_VOCAB:-32000} --seed $c --disable-tqdm --output-json "$OUT/serve_llama8b_c$c.json" || rc=$?
 done
 tail -5 "$log"
 exit $rc

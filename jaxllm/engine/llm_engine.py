@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -84,6 +85,14 @@ class _Parent:
     finished_time: float | None = None
 
 
+def _start_backend() -> None:
+    try:
+        import jax
+        jax.devices()
+    except Exception:  # noqa: BLE001 - the main thread's first jax call reports the error
+        pass
+
+
 def _enable_compilation_cache(cache_dir: str | None) -> None:
     import jax
     if cache_dir == "":
@@ -109,6 +118,10 @@ class LLMEngine:
         # GPU backend yet; an explicit XLA_PYTHON_CLIENT_MEM_FRACTION wins).
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(config.cache_config.gpu_memory_utilization))
         _enable_compilation_cache(config.compilation_cache_dir)
+        # Start jax's backend (CUDA context, allocator) in a thread while this one imports
+        # transformers, which imports torch (~6 s on the H100 image); jax guards the backend
+        # initialization with a lock, so load_everything's first jax call just waits for it.
+        threading.Thread(target=_start_backend, name="jaxllm-backend-init", daemon=True).start()
         loaded = load_everything(config, progress=progress)
         self.config: EngineConfig = loaded.config
         self.hf_config = loaded.hf_config

@@ -311,7 +311,15 @@ def ragged_paged_attention_mosaic_gpu(
     )(q_blk, kv, page_indices.astype(jnp.int32), meta)
 
     o = unblock(o_blk, lse if ns > 1 else None, meta, n_rows, BLOCK_M)   # [Hkv, R, D] f32
-    out = o.reshape(hkv, t, group, d).transpose(1, 0, 2, 3).reshape(t, hq, d)
+    return finish(o, q, cu_q_lens, num_seqs, v_scale)
+
+
+def finish(o, q, cu_q_lens, num_seqs, v_scale) -> jax.Array:
+    """Rows [Hkv, T*G, D] (row = token*G + g) back to q's [T, Hq, D] layout and dtype; padding
+    tokens zeroed, the V scale applied."""
+    t, hq, d = q.shape
+    hkv = o.shape[0]
+    out = o.reshape(hkv, t, hq // hkv, d).transpose(1, 0, 2, 3).reshape(t, hq, d)
     valid = gpu_common.valid_token_mask(cu_q_lens, num_seqs, t)
     out = jnp.where(valid[:, None, None], out, 0.0)
     if v_scale is not None:

@@ -266,9 +266,4 @@ def ragged_paged_attention_mosaic_gpu_ws(
     )(q_blk, kv, page_indices.astype(jnp.int32), meta)
 
     o = gm.unblock(o_blk.reshape(1, hkv, nb, BLOCK_Q, d), None, meta, n_rows, BLOCK_Q)
-    out = o.reshape(hkv, t, group, d).transpose(1, 0, 2, 3).reshape(t, hq, d)
-    valid = gpu_common.valid_token_mask(cu_q_lens, num_seqs, t)
-    out = jnp.where(valid[:, None, None], out, 0.0)
-    if v_scale is not None:
-        out = out * v_scale
-    return out.astype(q.dtype)
+    return gm.finish(o, q, cu_q_lens, num_seqs, v_scale)

@@ -73,7 +73,8 @@ class SchedulerConfig:
     # vLLM's --async-scheduling: schedule and dispatch step t+1 before reading step t's sampled
     # tokens (they stay on device and feed t+1), so the device never waits for the host between
     # steps. Falls back to a synchronous step where a request needs its full history (penalties).
-    async_scheduling: bool = False
+    # None (the default, as in vLLM): on, except with several processes; False: off.
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         _check(self.max_num_seqs is None or self.max_num_seqs >= 1, "max_num_seqs",
@@ -82,8 +83,8 @@ class SchedulerConfig:
                "max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
         _check(1 <= self.num_decode_steps <= 64, "num_decode_steps",
                f"must be in [1, 64], got {self.num_decode_steps}")
-        _check(isinstance(self.async_scheduling, bool), "async_scheduling",
-               f"must be a bool, got {self.async_scheduling!r}")
+        _check(self.async_scheduling is None or isinstance(self.async_scheduling, bool), "async_scheduling",
+               f"must be a bool or None, got {self.async_scheduling!r}")
         _check(self.policy in _POLICIES, "scheduling_policy",
                f"must be one of {_POLICIES}, got {self.policy!r}")
 

@@ -31,3 +31,15 @@ def test_unknown_argument_and_too_long_max_model_len():
         EngineConfig.create("m", bogus=1)
     with pytest.raises(ValueError, match="max_model_len"):
         EngineConfig.create("m", max_model_len=9000).finalize(4096)
+
+
+def test_async_scheduling_defaults_on_and_flags_override():
+    from jaxllm.config import SchedulerConfig
+    from jaxllm.entrypoints.cli import build_parser, engine_kwargs
+
+    assert SchedulerConfig().async_scheduling is None          # the engine reads None as "on"
+    for argv, want in (([], None), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
+        args = build_parser().parse_args(["bench", "latency", "--model", "demo", *argv])
+        assert engine_kwargs(args)["async_scheduling"] is want
+    with pytest.raises(ValueError, match="async_scheduling"):
+        SchedulerConfig(async_scheduling="yes")

@@ -6,7 +6,8 @@ schedule → execute → update cycle, detokenizes the new tokens, applies stop 
 one ``RequestOutput`` per request that made progress. Not thread-safe: one thread drives it
 (``LLM.generate`` directly, the servers through ``AsyncEngine``).
 
-Async scheduling (``async_scheduling=True``, vLLM's ``--async-scheduling``): ``step`` schedules and
+Async scheduling (on by default as in vLLM; ``async_scheduling=False`` / ``--no-async-scheduling``
+turns it off, and several processes run synchronously): ``step`` schedules and
 dispatches step t+1 *before* it reads step t's sampled ids, so the device runs t+1 while the host
 updates requests, detokenizes and checks stops for t. Step t's tokens reach t+1 on device (see
 ``ModelRunner.dispatch``); the scheduler counts them as pending until they arrive. Outputs are thus
@@ -148,11 +149,11 @@ class LLMEngine:
         self.runner.allocate_kv_caches()
         self.startup_time_s = time.perf_counter() - t_start
         self._warm_compilations = self.runner.num_compilations
-        self.async_scheduling = self.config.scheduler_config.async_scheduling
-        if self.async_scheduling and self.runner.multihost is not None:
+        requested = self.config.scheduler_config.async_scheduling   # None: on where supported
+        self.async_scheduling = requested is not False and self.runner.multihost is None
+        if requested and self.runner.multihost is not None:
             logger.warning("async_scheduling: not supported with several processes (the leader broadcasts "
                            "host inputs); running synchronously")
-            self.async_scheduling = False
         logger.info("Engine ready in %.1fs (load %.1fs, compile %.1fs for %d buckets)", self.startup_time_s,
                     self.load_time_s, self.compile_time_s, len(self.runner.buckets))
         mh = self.runner.multihost

@@ -35,8 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--attention-backend", default="auto")
-    g.add_argument("--async-scheduling", action="store_true",
-                   help="schedule and dispatch step t+1 before reading step t's tokens (hides host time)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and dispatch step t+1 before reading step t's tokens (hides host time); "
+                        "on by default, except with several processes")
     g.add_argument("--num-decode-steps", type=int, default=8,
                    help="decode steps per dispatch when every running request decodes (1 disables)")
     g.add_argument("--compilation-cache-dir", default=None,

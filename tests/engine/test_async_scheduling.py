@@ -32,7 +32,8 @@ def _prompts() -> list[list[int]]:
 def engines(request, tiny_llama_dir):
     """(sync LLM, async LLM) with the same configuration."""
     kw = dict(dtype="float32", progress=False, **CONFIGS[request.param])
-    return request.param, LLM(tiny_llama_dir, **kw), LLM(tiny_llama_dir, async_scheduling=True, **kw)
+    return (request.param, LLM(tiny_llama_dir, async_scheduling=False, **kw),
+            LLM(tiny_llama_dir, async_scheduling=True, **kw))
 
 
 def _drive(llm: LLM, prompts, params, abort_id: str | None = None, abort_after: int = 3):
@@ -227,3 +228,11 @@ def test_scheduler_async_order_same_outputs(multi_step, policy):
                 continue
             assert got[rid] == ref[rid], (seed, rid)
     assert preemptions > 0  # the small pools did preempt
+
+
+def test_engine_runs_async_unless_told_not_to(engines, tiny_llama_dir):
+    _, sync, asyn = engines
+    assert sync.llm_engine.async_scheduling is False and asyn.llm_engine.async_scheduling is True
+    default = LLM(tiny_llama_dir, dtype="float32", progress=False, max_model_len=64, max_num_seqs=2,
+                  max_num_batched_tokens=8, num_kv_blocks=16, num_decode_steps=1)
+    assert default.llm_engine.async_scheduling is True    # unset (None): on, as in vLLM

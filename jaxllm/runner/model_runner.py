@@ -38,6 +38,7 @@ from jaxllm.layers.attention_metadata import AttentionMetadata
 from jaxllm.layers.sampler import sample
 from jaxllm.layers.sampling_metadata import SamplingMetadata
 from jaxllm.runner import kv_cache as kvc
+from jaxllm.runner import program_store
 from jaxllm.runner.batch import MAX_BANNED, HostBatch, pack_batch
 from jaxllm.runner.buckets import Bucket, make_buckets, pick_bucket
 
@@ -286,6 +287,7 @@ class ModelRunner:
         else:
             cache_dir = os.path.join(cache_dir, "jaxllm-programs")
             os.makedirs(cache_dir, exist_ok=True)
+            store_limit = program_store.max_bytes()   # checked before any compiling
             if not hasattr(self, "_program_key_base"):
                 import importlib.metadata
                 import pallas_kernels
@@ -334,6 +336,7 @@ class ModelRunner:
 
         def load(path):
             try:
+                program_store.touch(path)
                 with open(path, "rb") as f:
                     # Single-device programs: load onto that device, not onto every visible one.
                     return serialize_executable.deserialize_and_load(
@@ -362,6 +365,8 @@ class ModelRunner:
                     with self._mesh_ctx():
                         prog = compile_and_store(fn.trace(*args).lower(), paths[key])
                 self._programs[key] = prog
+        if cache_dir:
+            program_store.prune(cache_dir, store_limit, keep=frozenset(p for p in paths.values() if p))
 
     def _empty_batch(self, bucket: Bucket) -> HostBatch:
         return pack_batch(SchedulerOutput(), bucket, self.block_size, self.pages_per_seq, self.max_model_len)

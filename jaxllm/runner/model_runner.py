@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import os
@@ -105,6 +106,16 @@ def _multi_decode_fn(graphdef, block_size, num_steps, state, kv_caches, input_id
     kv_caches, _, toks, lps, top_ids, top_lps = jax.lax.fori_loop(0, num_steps, body, init)
     last = toks[jnp.clip(max_steps - 1, 0, num_steps - 1), rows]                    # [S]
     return kv_caches, toks, lps, top_ids, top_lps, _pad_rows(last, prev_tokens.shape[0])
+
+
+def _arg_index(fn, name: str, bound: int) -> int:
+    """Position of parameter ``name`` among ``fn``'s call arguments after ``bound`` partial ones."""
+    return list(inspect.signature(fn).parameters).index(name) - bound
+
+
+# Where prev_tokens sits in the programs' arguments (graphdef, and block_size/num_steps, are bound).
+_STEP_PREV = _arg_index(_step_fn, "prev_tokens", 1)
+_MULTI_PREV = _arg_index(_multi_decode_fn, "prev_tokens", 3)
 
 
 def _prompt_logprobs_fn(graphdef, state, hidden, target_ids):
@@ -397,13 +408,13 @@ class ModelRunner:
             input_positions=hb.positions, slot_mapping=hb.slot_mapping, kv_lens=hb.kv_lens,
             page_indices=hb.page_indices, cu_q_lens=hb.cu_q_lens,
             num_seqs=np.array([hb.num_seqs], np.int32))
-        prev = self._prev_input(("step", hb.bucket), 5, prev_tokens)
+        prev = self._prev_input(("step", hb.bucket), _STEP_PREV, prev_tokens)
         return (self.state, self._kv(), hb.input_ids, attn_md, hb.logits_indices, prev, hb.prev_rows,
                 self._sampling_md(hb))
 
     def _multi_args(self, hb: HostBatch, max_steps: np.ndarray, prev_tokens=None) -> tuple:
         S = hb.bucket.num_seqs
-        prev = self._prev_input(("decode", S), 7, prev_tokens)
+        prev = self._prev_input(("decode", S), _MULTI_PREV, prev_tokens)
         return (self.state, self._kv(), hb.input_ids[:S], hb.positions[:S], hb.page_indices, max_steps,
                 np.array([hb.num_seqs], np.int32), prev, hb.prev_rows[:S], self._sampling_md(hb))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -229,5 +230,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _transformers_without_torch() -> None:
+    """Keep torch out of the CLI's process: the engine never runs it, but transformers imports it
+    (1-6 s, most of a warm start's load time on a CUDA machine) as soon as a config class is
+    loaded if torch is installed. Done only before transformers' first import, so nothing in this
+    process has seen torch through it; ``JAXLLM_TRANSFORMERS_TORCH=1`` turns it off."""
+    if os.environ.get("JAXLLM_TRANSFORMERS_TORCH", "0") == "1" or "transformers" in sys.modules:
+        return
+    try:
+        import transformers.utils as tu
+        import transformers.utils.import_utils as iu
+    except ImportError:
+        return
+    iu.is_torch_available = tu.is_torch_available = lambda: False
+
+
+def cli_entry() -> int:
+    """The ``jaxllm`` console script (and ``python -m jaxllm.entrypoints.cli``)."""
+    _transformers_without_torch()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry())

@@ -32,3 +32,32 @@ def test_generate_errors_are_one_clear_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "model" in err and "missing" in err and "Traceback" not in err
+
+
+def test_cli_process_loads_config_and_tokenizer_without_torch(tiny_llama_dir):
+    """The console script keeps torch (seconds of import on a CUDA machine) out of its process,
+    and the config and tokenizer it loads are the same as with torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "from jaxllm.entrypoints.cli import _transformers_without_torch\n"
+        "_transformers_without_torch()\n"
+        "from jaxllm.engine.model_loading import load_tokenizer\n"
+        "from jaxllm.models.hf_config import model_args\n"
+        "from transformers import AutoConfig\n"
+        f"path = {tiny_llama_dir!r}\n"
+        "args = model_args(AutoConfig.from_pretrained(path), use_sliding_window=False)\n"
+        "ids = load_tokenizer(path)('Hello world').input_ids\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'args': repr(args), 'ids': ids}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["torch"] is False
+    from transformers import AutoConfig
+
+    from jaxllm.engine.model_loading import load_tokenizer
+    from jaxllm.models.hf_config import model_args
+    assert got["args"] == repr(model_args(AutoConfig.from_pretrained(tiny_llama_dir), use_sliding_window=False))
+    assert got["ids"] == load_tokenizer(tiny_llama_dir)("Hello world").input_ids

@@ -62,12 +62,18 @@ STATE = {}                     # info, ceilings: written with the rows
 # kernel gets only the knobs its signature takes. "splits*" scale the plan's own split count.
 SWEEP = {
     "triton": {
-        "decode": [dict(block_n=64, num_stages=2), dict(block_n=64, num_stages=4),
+        "decode": [dict(), dict(block_n=64, num_stages=2), dict(block_n=64, num_stages=4),
                    dict(block_n=128, num_stages=4), dict(num_warps=8),
-                   dict(splits_x=0.5), dict(splits_x=2)],
-        "prefill": [dict(block_m=64, block_n=64, num_warps=4), dict(block_n=128, num_stages=2),
+                   dict(splits_x=0.5), dict(splits_x=2),
+                   # small grids (b1 x 32k, b32 x 1k): more, shorter splits; 2 CTAs per SM
+                   dict(block_n=64, num_stages=4, splits_x=2),
+                   dict(block_n=64, num_stages=4, splits_x=4),
+                   dict(block_n=32, num_stages=4, splits_x=2),
+                   dict(block_n=64, num_stages=3, num_warps=2, splits_x=2)],
+        "prefill": [dict(), dict(block_m=64, block_n=64, num_warps=4), dict(block_n=128, num_stages=2),
                     dict(block_n=128, num_stages=3), dict(num_stages=4),
-                    dict(num_warps=4), dict(block_m=64, block_n=128, num_warps=4)],
+                    dict(num_warps=4), dict(block_m=64, block_n=128, num_warps=4),
+                    dict(num_stages=2), dict(block_n=32, num_stages=4)],
     },
     "mosaic_gpu": {
         "decode": [dict(num_splits=4), dict(num_splits=16), dict(stages=2), dict(stages=4)],
@@ -226,7 +232,7 @@ def accepted(fn, knobs: dict) -> dict | None:
 def knob_label(knobs: dict) -> str:
     short = {"block_m": "bm", "block_n": "bn", "num_warps": "w", "num_stages": "s",
              "num_splits": "ns", "stages": "stages", "page_mode": "pm"}
-    return " ".join(f"{short.get(k, k)}{v}" for k, v in knobs.items())
+    return " ".join(f"{short.get(k, k)}{v}" for k, v in knobs.items()) or "default"
 
 
 def save():
@@ -496,6 +502,10 @@ def main():
     ap.add_argument("--sweep", action="store_true",
                     help="after the default cases, time the SWEEP knob sets on SWEEP_CASES")
     ap.add_argument("--sweep-only", action="store_true", help="only the sweep (and the ceilings)")
+    ap.add_argument("--sweep-cases", default="",
+                    help="comma-separated model:kind:batch:n cases for the sweep (default: SWEEP_CASES)")
+    ap.add_argument("--kinds", default="decode,prefill,mixed",
+                    help="which default case kinds to run (comma-separated subset)")
     ap.add_argument("--device-loop-under-us", type=float, default=DEVICE_LOOP_UNDER_US,
                     help="also time cases faster than this in a jitted device loop (0: never)")
     ap.add_argument("--device-loop", action="store_true",
@@ -529,15 +539,21 @@ def main():
     decode_cases = [(b, c) for b in (1, 32, 256) for c in (1024, 8192, 32768)
                     if not a.quick or (b, c) in ((1, 32768), (32, 8192), (256, 8192))]
     prefill_cases = ((1, 8192), (16, 512))
+    kinds = set(a.kinds.split(","))
     if not a.sweep_only:
         for model in models:
-            for batch, ctx in decode_cases:
+            for batch, ctx in decode_cases if "decode" in kinds else ():
                 bench_decode(results, fns, model, batch, ctx, baselines)
-            for batch, seqlen in prefill_cases:
+            for batch, seqlen in prefill_cases if "prefill" in kinds else ():
                 bench_prefill(results, fns, model, batch, seqlen, baselines)
-            bench_mixed(results, fns, model)
+            if "mixed" in kinds:
+                bench_mixed(results, fns, model)
+    sweep_cases = SWEEP_CASES
+    if a.sweep_cases:
+        sweep_cases = [(m, k, int(b), int(n)) for m, k, b, n in
+                       (c.split(":") for c in a.sweep_cases.split(","))]
     if a.sweep or a.sweep_only:
-        for model, kind, batch, n in SWEEP_CASES:
+        for model, kind, batch, n in sweep_cases:
             if model in models:
                 bench = bench_decode if kind == "decode" else bench_prefill
                 bench(results, fns, model, batch, n, False, sweep=True)

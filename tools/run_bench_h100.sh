@@ -74,36 +74,47 @@ echo "### device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --fo
 $PY -c 'import jax, jaxlib, transformers, torch; print("### jax", jax.__version__, "jaxlib", jaxlib.__version__, "transformers", transformers.__version__, "torch", torch.__version__, jax.devices())'
 echo "### throughput workload: $NUM_PROMPTS prompts x $TP_IN in / $TP_OUT out (vllm's default is 1000)"
 
-step hw 60 0 $PY -m jaxllm.bench.hw --output-json "$OUT/hw.json"
-
-step throughput_8b ${TP_CAP:-330} ${TP_RESERVE:-175} $PY -m jaxllm.entrypoints.cli bench throughput --model "$MODEL_8B" $THROUGHPUT_FLAGS \
-  --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" --disable-tqdm \
-  --output-json "$OUT/throughput_llama8b.json"
-
-step latency_8b 150 115 $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_8B" $ENGINE_FLAGS \
-  --batch-size 1 --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters "$LAT_ITERS" \
-  --num-iters-warmup "$LAT_WARMUP" --disable-tqdm --output-json "$OUT/latency_llama8b.json"
-
-step hf_throughput_8b 200 35 $PY tools/bench_hf_peer.py throughput --model "$MODEL_8B" \
-  --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" --output-json "$OUT/hf_throughput_llama8b.json"
-
 HF_FLAGS=""; [[ "$HF_COMPILE" == 1 ]] || HF_FLAGS="--no-compile"
-# Optional (add to STEPS): the peer's static-cache generate() in batches of 64, for when
-# generate_batch runs without flash attention (slow masked SDPA path).
-step hf_generate_8b ${HF_CAP:-200} 35 $PY tools/bench_hf_peer.py throughput --method generate --batch-size 64 $HF_FLAGS \
-  --model "$MODEL_8B" --num-prompts "$HF_NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" \
-  --output-json "$OUT/hf_generate_llama8b.json"
-step hf_latency_8b 60 0 $PY tools/bench_hf_peer.py latency --model "$MODEL_8B" --batch-size 1 \
-  --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters 3 --num-iters-warmup 1 $HF_FLAGS \
-  --output-json "$OUT/hf_latency_llama8b.json"
-
-step latency_small 150 0 $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_SMALL" $SMALL_ENGINE_FLAGS \
-  --batch-size 1 --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters "$LAT_ITERS" \
-  --num-iters-warmup "$LAT_WARMUP" --disable-tqdm --output-json "$OUT/latency_qwen05b.json"
-
 SERVE_IN=${SERVE_IN:-1024}; SERVE_OUT=${SERVE_OUT:-128}; SERVE_CONC=${SERVE_CONC:-"1 16 64"}
 export SERVE_IN SERVE_OUT SERVE_CONC MODEL_8B ENGINE_FLAGS OUT PY
-step serve_8b 240 0 bash tools/serve_bench_h100.sh
+[[ -n "${SERVE_WORKLOADS:-}" ]] && export SERVE_WORKLOADS
+[[ -n "${SERVE_C1_PROMPTS:-}" ]] && export SERVE_C1_PROMPTS
+
+# The steps run in the order STEPS names them (e.g. serve_8b before latency_8b, so that the latency
+# run's start is a warm one when throughput_8b uses other flags).
+run_step() {
+  case $1 in
+  hw) step hw 60 0 $PY -m jaxllm.bench.hw --output-json "$OUT/hw.json" ;;
+  throughput_8b)
+    step throughput_8b ${TP_CAP:-330} ${TP_RESERVE:-175} $PY -m jaxllm.entrypoints.cli bench throughput --model "$MODEL_8B" $THROUGHPUT_FLAGS \
+      --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" --disable-tqdm \
+      --output-json "$OUT/throughput_llama8b.json" ;;
+  latency_8b)
+    step latency_8b 150 ${LAT_RESERVE:-115} $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_8B" $ENGINE_FLAGS \
+      --batch-size 1 --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters "$LAT_ITERS" \
+      --num-iters-warmup "$LAT_WARMUP" --disable-tqdm --output-json "$OUT/latency_llama8b.json" ;;
+  hf_throughput_8b)
+    step hf_throughput_8b 200 35 $PY tools/bench_hf_peer.py throughput --model "$MODEL_8B" \
+      --num-prompts "$NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" --output-json "$OUT/hf_throughput_llama8b.json" ;;
+  # the peer's static-cache generate() in batches of 64, for when generate_batch runs without
+  # flash attention (slow masked SDPA path)
+  hf_generate_8b)
+    step hf_generate_8b ${HF_CAP:-200} 35 $PY tools/bench_hf_peer.py throughput --method generate --batch-size 64 $HF_FLAGS \
+      --model "$MODEL_8B" --num-prompts "$HF_NUM_PROMPTS" --input-len "$TP_IN" --output-len "$TP_OUT" \
+      --output-json "$OUT/hf_generate_llama8b.json" ;;
+  hf_latency_8b)
+    step hf_latency_8b 60 0 $PY tools/bench_hf_peer.py latency --model "$MODEL_8B" --batch-size 1 \
+      --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters 3 --num-iters-warmup 1 $HF_FLAGS \
+      --output-json "$OUT/hf_latency_llama8b.json" ;;
+  latency_small)
+    step latency_small 150 0 $PY -m jaxllm.entrypoints.cli bench latency --model "$MODEL_SMALL" $SMALL_ENGINE_FLAGS \
+      --batch-size 1 --input-len "$LAT_IN" --output-len "$LAT_OUT" --num-iters "$LAT_ITERS" \
+      --num-iters-warmup "$LAT_WARMUP" --disable-tqdm --output-json "$OUT/latency_qwen05b.json" ;;
+  serve_8b) step serve_8b ${SERVE_CAP:-240} ${SERVE_RESERVE:-0} bash tools/serve_bench_h100.sh ;;
+  *) echo "### unknown step $1"; STATUS+=("$1: unknown step") ;;
+  esac
+}
+for s in $STEPS; do run_step "$s"; done
 
 $PY -m jaxllm.bench.report "$OUT" --out "$OUT/summary.md" >/dev/null
 { echo "## Steps"; echo; for s in "${STATUS[@]}"; do echo "- $s"; done; echo; echo "total $((SECONDS - START))s"; } \

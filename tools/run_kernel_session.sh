@@ -6,9 +6,11 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./bench_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+WHL=${WHL:-.whl}; [[ -d $WHL ]] || WHL=../.whl      # .snap/ runs carry .whl beside it
+if ls $WHL/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHL/*.whl && export PYTHONPATH=/tmp/site
 fi
+python3 -c "import jax_triton" 2>/dev/null || echo "### WARNING: jax_triton not importable: the triton rows will be missing"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}" TF_CPP_MIN_LOG_LEVEL=2
 T0=$SECONDS
 echo "### ws check"

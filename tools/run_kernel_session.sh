@@ -13,10 +13,13 @@ fi
 python3 -c "import jax_triton" 2>/dev/null || echo "### WARNING: jax_triton not importable: the triton rows will be missing"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}" TF_CPP_MIN_LOG_LEVEL=2
 T0=$SECONDS
+ws_ok=1
+if (( ${WS_CHECK_S:-150} > 0 )); then
 echo "### ws check"
 timeout ${WS_CHECK_S:-150} python3 tools/gpu_kernel_check.py --backends mosaic_gpu_ws --json "$OUT/ws_check.json" 2>&1 \
   | grep -v "^WARNING" | tail -40 | tee "$OUT/ws_check.log"
 ws_ok=0; grep -q "^0 of [1-9][0-9]* checks failed" "$OUT/ws_check.log" && ws_ok=1
+fi
 echo "### ws_ok=$ws_ok after $((SECONDS - T0))s"
 echo "### triton sweep"
 timeout ${SWEEP_S:-260} python3 tools/bench_attention.py --out "$OUT/sweep" --backends triton --sweep-only \
@@ -25,9 +28,11 @@ timeout ${SWEEP_S:-260} python3 tools/bench_attention.py --out "$OUT/sweep" --ba
 echo "### sweep done after $((SECONDS - T0))s"
 if (( ws_ok )); then
   echo "### ws prefill"
-  timeout ${WS_BENCH_S:-110} python3 tools/bench_attention.py --out "$OUT/ws" --backends triton,mosaic_gpu_ws \
+  timeout ${WS_BENCH_S:-110} python3 tools/bench_attention.py --out "$OUT/ws" --backends ${WS_BACKENDS:-triton,mosaic_gpu_ws} \
     --kinds prefill --no-baselines --budget-s $(( ${WS_BENCH_S:-110} - 15 )) 2>&1 | grep -v "^{" | tail -20
 fi
-echo "### gemv probe after $((SECONDS - T0))s"
-timeout ${GEMV_S:-80} python3 tools/gemv_probe.py --out "$OUT" 2>&1 | tail -20
+if (( ${GEMV_S:-80} > 0 )); then
+  echo "### gemv probe after $((SECONDS - T0))s"
+  timeout ${GEMV_S:-80} python3 tools/gemv_probe.py --out "$OUT" 2>&1 | tail -20
+fi
 echo "### total $((SECONDS - T0))s"

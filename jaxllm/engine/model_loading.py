@@ -97,8 +97,12 @@ def load_everything(config: EngineConfig, *, progress: bool = True, mesh=None) -
     if mesh is not None:
         kv_sharding = kv_cache_sharding(mesh)
         logger.info("Mesh %s over %d %s devices", dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform)
+    from jaxllm.models.fuse import fuse_projections, fusion_enabled
+    fuse = fusion_enabled()  # JAXLLM_FUSE_PROJECTIONS, checked before the weights are read
     model = load_model(mc.__class__(**{**mc.__dict__, "model": path}), hf_config, dtype,
                        attention_backend=config.attention_backend, mesh=mesh)
+    if fuse:  # one q/k/v and one gate/up matmul per layer (checkpoint names stay the loader's)
+        model = fuse_projections(model)
     runner = ModelRunner(config, model, mesh=mesh, kv_sharding=kv_sharding)
     info = {
         "model": mc.model,

@@ -2,6 +2,10 @@
 
 q/k/v projections → (Qwen3: per-head RMSNorm of q and k) → RoPE at each token's position →
 write k/v into their cache slots → ragged paged attention → o_proj.
+
+The q/k/v projections are three ``Linear`` s as loaded (HF names); ``jaxllm.models.fuse`` may
+replace them by one ``qkv`` weight ``[hidden, Hkv, G + 2, D]`` (G = H // Hkv: along axis 2 the G
+query heads of kv head h, then its k, then its v), computed with one matmul.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class Attention(nnx.Module):
                              sharding=COLUMN_PARALLEL)
         self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias, dtype=dtype,
                              sharding=COLUMN_PARALLEL)
+        # Fused q/k/v (set by jaxllm.models.fuse.fuse_projections, which then drops q/k/v_proj):
+        self.qkv = nnx.data(None)        # Param [hidden, Hkv, G + 2, D], split over Hkv
+        self.qkv_bias = nnx.data(None)   # Param [Hkv, G + 2, D] (with qkv_bias)
         self.o_proj = Linear(num_heads * head_dim, hidden_size, use_bias=o_bias, dtype=dtype,
                              sharding=ROW_PARALLEL)
         if qk_norm_eps is not None:
@@ -67,13 +74,27 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.rope = rope
 
+    def _project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        # x: [T, hidden] -> q: [T, H, D], k: [T, Hkv, D], v: [T, Hkv, D]
+        T = x.shape[0]
+        if self.qkv is not None:
+            G = self.num_heads // self.num_kv_heads
+            qkv = jnp.einsum("ti,ihgd->thgd", x, self.qkv[...])               # [T, Hkv, G + 2, D]
+            if self.qkv_bias is not None:
+                qkv = qkv + self.qkv_bias[...]
+            # Query head h * G + g is qkv[:, h, g]: the reshape keeps the heads' original order.
+            q = qkv[:, :, :G].reshape(T, self.num_heads, self.head_dim)       # [T, H, D]
+            return q, qkv[:, :, G], qkv[:, :, G + 1]                           # k, v: [T, Hkv, D]
+        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)          # [T, H, D]
+        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)       # [T, Hkv, D]
+        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)       # [T, Hkv, D]
+        return q, k, v
+
     def __call__(self, kv_cache: jax.Array, x: jax.Array, md: AttentionMetadata
                  ) -> tuple[jax.Array, jax.Array]:
         # kv_cache: [num_pages, page_size, 2 * Hkv, D]; x: [T, hidden]
         T = x.shape[0]
-        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)      # [T, H, D]
-        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
-        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
+        q, k, v = self._project_qkv(x)                                     # [T, H|Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rope.cos_sin(md.input_positions, q.dtype)        # [T, D]

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxllm import LLM, SamplingParams  # noqa: E402
+from jaxllm.models.fuse import fusion_enabled  # noqa: E402
 from tests.conftest import make_tiny_checkpoint  # noqa: E402
 from tests.utils import check_logprobs_close, jaxllm_seqs  # noqa: E402
 
@@ -35,11 +36,16 @@ def check_shardings(llm, tp):
     attn = runner.state["model"]["layers"][0]["self_attn"]
     mlp = runner.state["model"]["layers"][0]["mlp"]
     split = {  # param -> (array, axis that must be split over the tp devices)
-        "q_proj": (attn["q_proj"]["kernel"][...], 1), "k_proj": (attn["k_proj"]["kernel"][...], 1),
-        "o_proj": (attn["o_proj"]["kernel"][...], 0), "gate_proj": (mlp["gate_proj"]["kernel"][...], 1),
-        "down_proj": (mlp["down_proj"]["kernel"][...], 0),
+        "o_proj": (attn["o_proj"]["kernel"][...], 0), "down_proj": (mlp["down_proj"]["kernel"][...], 0),
         "embed": (runner.state["model"]["embed_tokens"]["embedding"][...], 0),
     }
+    assert ("qkv" in attn) == fusion_enabled(), list(attn)
+    if "qkv" in attn:  # fused by the engine (jaxllm/models/fuse.py): whole kv-head groups per device
+        assert "q_proj" not in attn and "gate_proj" not in mlp
+        split.update(qkv=(attn["qkv"][...], 1), gate_up=(mlp["gate_up"][...], 2))
+    else:  # JAXLLM_FUSE_PROJECTIONS=0
+        split.update(q_proj=(attn["q_proj"]["kernel"][...], 1), k_proj=(attn["k_proj"]["kernel"][...], 1),
+                     gate_proj=(mlp["gate_proj"]["kernel"][...], 1))
     for name, (arr, axis) in split.items():
         shapes = {s.data.shape for s in arr.addressable_shards}
         assert len(arr.addressable_shards) == tp, (name, arr.sharding)

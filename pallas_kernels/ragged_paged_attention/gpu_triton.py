@@ -42,8 +42,8 @@ from pallas_kernels.ragged_paged_attention import gpu_common
 _LOG2E = 1.4426950408889634
 _NEG_INF = tl.constexpr(float("-inf"))  # kernels may only read constexpr globals
 _LN2 = tl.constexpr(0.6931471805599453)
-SPLIT_WAVES = 4       # split-K aims at this many programs per SM ...
-MIN_SPLIT_TILES = 4   # ... with at least this many KV tiles in each split
+SPLIT_WAVES = 4       # split-K (only for grids under one program per SM) aims at this many
+MIN_SPLIT_TILES = 4   # programs per SM, with at least this many KV tiles in each split
 MAX_SPLITS = 64
 
 
@@ -237,12 +237,14 @@ def plan(t: int, s: int, pages_per_seq: int, page_size: int, hq: int, hkv: int, 
          page_mode: int | None = None, num_sms: int | None = None) -> Plan:
     """Picks the knobs left as None from the static shapes; ValueError for a knob out of range.
 
-    Decode-like batches (T <= 2 S): 16-row blocks (or the GQA group), 128-key tiles, 3 stages
-    (run 2: 73% vs 40% of copy on Qwen b32 x 8k with 64-key tiles). Prefill (T >= 64 S):
-    128-row blocks, 8 warps, 64-key tiles, 3 stages. In between (mixed batches, mostly decodes
-    by count): 64-row blocks, 4 warps, so the decodes among them do not pay for 128-row tiles.
-    Split-K when the grid is under ``SPLIT_WAVES`` programs per SM, keeping
-    >= ``MIN_SPLIT_TILES`` tiles of keys per split.
+    Decode-like batches (T <= 2 S): 16-row blocks (or the GQA group), 128-key tiles, 4 stages
+    (run 2: 73% vs 40% of copy on Qwen b32 x 8k with 64-key tiles; session 3's sweep: 4 stages
+    beat 3 on the small grids). Prefill (T >= 64 S): 128-row blocks, 4 warps (session 3: 51% vs
+    46% of the matmul rate on Qwen 1 x 8k against 8 warps), 64-key tiles, 3 stages. In between
+    (mixed batches, mostly decodes by count): 64-row blocks, 4 warps, so the decodes among them
+    do not pay for 128-row tiles. Split-K only when the grid has fewer programs than SMs
+    (session 3: Llama b32 x 1k, 256 programs, ran 76% of copy unsplit vs 54% in 2 splits),
+    aiming at ``SPLIT_WAVES`` programs per SM with >= ``MIN_SPLIT_TILES`` tiles of keys each.
     """
     group = hq // hkv
     min_m = max(16, 1 << max(0, math.ceil(math.log2(group))))
@@ -254,10 +256,12 @@ def plan(t: int, s: int, pages_per_seq: int, page_size: int, hq: int, hkv: int, 
         raise ValueError(f"block_m: must be a power of two >= max(16, group={group}), got {bm}")
     if not _pow2(bn) or bn < 16:
         raise ValueError(f"block_n: must be a power of two >= 16, got {bn}")
-    warps = num_warps or (8 if bm >= 128 else 4)
+    warps = num_warps or 4       # H100 sweep (session 3): 4 warps beat 8 on 128-row prefill
+    if not num_warps and bm >= 256:
+        warps = 8
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps: must be one of 1, 2, 4, 8, 16, got {warps}")
-    stages = num_stages or 3
+    stages = num_stages or (4 if decode else 3)
     if not 1 <= stages <= 6:
         raise ValueError(f"num_stages: must be in [1, 6], got {stages}")
     mode = (2 if page_size % bn == 0 else 0) if page_mode is None else page_mode
@@ -270,7 +274,7 @@ def plan(t: int, s: int, pages_per_seq: int, page_size: int, hq: int, hkv: int, 
         work, sms = nb_real * hkv, num_sms or _num_sms()
         max_kv = pages_per_seq * page_size
         splits = 1
-        if work < SPLIT_WAVES * sms:
+        if work < sms:
             splits = min(-(-SPLIT_WAVES * sms // work), max(1, max_kv // (MIN_SPLIT_TILES * bn)),
                          MAX_SPLITS)
         while splits > 1 and splits * t * hq * d * 4 > (256 << 20):   # partials <= 256 MiB

@@ -178,18 +178,24 @@ def test_split_heuristic_fills_waves_with_enough_tiles():
         work = gt.gpu_common.num_q_blocks(b, b, p.block_q) * hkv
         keys_per_split = ctx / p.num_splits
         assert keys_per_split >= gt.MIN_SPLIT_TILES * p.block_n or p.num_splits == 1
+        if work >= sms:       # a grid of one program per SM or more is never split
+            assert p.num_splits == 1, (hq, b, ctx, p)
+            continue
         full = work * p.num_splits >= gt.SPLIT_WAVES * sms or p.num_splits == gt.MAX_SPLITS
         tile_capped = ctx // (gt.MIN_SPLIT_TILES * p.block_n) <= p.num_splits
         assert full or tile_capped, (hq, b, ctx, p)
     assert gt.plan(256, 256, 512, 16, 32, 8, 128, num_sms=sms).num_splits == 1
+    assert gt.plan(32, 32, 64, 16, 32, 8, 128, num_sms=sms).num_splits == 1   # 256 programs
+    assert gt.plan(1, 1, 2048, 16, 32, 8, 128, num_sms=sms).num_splits > 16   # 8 programs
 
 
 def test_plan_defaults_and_ranges():
     dec = gt.plan(32, 32, 64, 16, 32, 8, 128)
     pre = gt.plan(8192, 1, 512, 16, 32, 8, 128)
-    assert (dec.block_n, dec.num_stages, dec.page_mode) == (128, 3, 0)
+    assert (dec.block_n, dec.num_stages, dec.page_mode) == (128, 4, 0)
     mixed = gt.plan(2248, 201, 256, 16, 32, 8, 128)     # 200 decodes + one 2k prefill
-    assert dec.block_m == 16 and pre.block_m == 128 and pre.num_warps == 8
+    assert dec.block_m == 16 and pre.block_m == 128 and pre.num_warps == 4
+    assert pre.num_stages == 3
     assert mixed.block_m == 64 and mixed.num_warps == 4
     assert pre.num_blocks * pre.block_q >= 8192
     assert gt.plan(8, 8, 4, 64, 8, 1, 64, block_n=32).page_mode == 2
@@ -232,8 +238,10 @@ def test_compiles_for_hopper_pipelined_without_spills():
             pytest.skip("no ptxas in this triton install")
         raise AssertionError(e.stderr[-3000:]) from e
     stats = json.loads(run.stdout.strip().splitlines()[-1])
-    for st in stats[:2]:
-        assert st["pipelined"] and st["spill_bytes"] == 0, st
+    for i, st in enumerate(stats[:2]):
+        # Prefill (4 warps x 128 rows) spills a few hundred bytes: measured on the H100 it is
+        # still faster than 8 warps without spills (session 3 sweep), so only a bound here.
+        assert st["pipelined"] and st["spill_bytes"] <= (0 if i == 0 else 1024), st
         assert 0 < st["shared"] <= 227 * 1024, st
     assert stats[0]["plan"]["num_splits"] > 1 and stats[0]["combine_shared"] is not None
     assert not stats[2]["pipelined"], stats[2]

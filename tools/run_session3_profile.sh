@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Session 3: where the offline-throughput and the 64-row decode time go. Profiles (a) `bench
+# throughput` on 300 x 1024/128 at the 2048-token budget and (b) `bench latency` at batch 64,
+# 256 in / 256 out (decode steps of 64 rows without serving's arrival waves), and prints
+# tools/trace_summary.py for each (device busy %, idle gaps, top kernels).
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./bench_out}; mkdir -p "$OUT"
+WHL=${WHL:-.whl}; [[ -d $WHL ]] || WHL=../.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHL/*.whl && export PYTHONPATH=/tmp/site
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}" TF_CPP_MIN_LOG_LEVEL=2 JAXLLM_CACHE_DIR=/tmp/jaxllm_cache
+F="--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048 --num-kv-blocks 16384"
+timeout 240 python3 -m jaxllm.entrypoints.cli bench throughput --model llama-3.1-8b $F --num-prompts ${TP_PROMPTS:-300} \
+  --input-len 1024 --output-len 128 --disable-tqdm --profile /tmp/prof_tp --output-json "$OUT/throughput_prof.json" 2>&1 | grep -v "^WARNING\|Compiling\|Loading"
+timeout 60 python3 tools/trace_summary.py /tmp/prof_tp --top 30 --json "$OUT/trace_tp.json"
+timeout 150 python3 -m jaxllm.entrypoints.cli bench latency --model llama-3.1-8b $F --batch-size 64 --input-len 256 \
+  --output-len 256 --num-iters 2 --num-iters-warmup 1 --disable-tqdm --profile /tmp/prof_b64 --output-json "$OUT/latency_b64.json" 2>&1 | grep -v "^WARNING\|Compiling\|Loading"
+timeout 60 python3 tools/trace_summary.py /tmp/prof_b64 --top 30 --json "$OUT/trace_b64.json"

@@ -103,7 +103,11 @@ def maybe_profile(trace_dir: str | None) -> Iterator[None]:
     os.makedirs(trace_dir, exist_ok=True)
     # create_perfetto_trace: also a perfetto_trace.json.gz that ui.perfetto.dev opens directly and
     # tools/trace_summary.py summarizes (kernel time by name, GPU idle gaps).
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    # Python function tracing is off unless JAXLLM_PROFILE_PYTHON=1: it slows the host several-fold,
+    # which shows up as GPU idle gaps that an unprofiled run does not have.
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 1 if os.environ.get("JAXLLM_PROFILE_PYTHON") == "1" else 0
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=opts):
         yield
 
 

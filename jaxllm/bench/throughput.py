@@ -20,6 +20,10 @@ from jaxllm.bench import roofline
 from jaxllm.bench.results import maybe_profile, print_table, random_prompts, run_metadata, write_json
 
 
+_HOST_KEYS = ("num_steps", "num_steps_overlapped", "num_sync_fallbacks", "time_schedule_s", "time_pack_s",
+              "time_dispatch_s", "time_wait_s", "time_postprocess_s", "time_host_s")
+
+
 def run_throughput(args: argparse.Namespace, llm=None) -> dict:
     """Run the throughput benchmark; ``llm`` reuses an existing ``LLM`` (tests), else one is built."""
     from jaxllm.bench import hw
@@ -83,6 +87,9 @@ def run_throughput(args: argparse.Namespace, llm=None) -> dict:
                    "compilations_during_measurement": engine.num_compilations - comp_before,
                    "num_preemptions": stats1["num_preemptions"] - stats0["num_preemptions"],
                    "num_steps": steps, "peak_running": peak_running},
+        # Host seconds per phase over the measured run (LLMEngine.step timings): with async
+        # scheduling, host time that exceeds the device's shows up as GPU idle time.
+        "host": {k: stats1[k] - stats0.get(k, 0) for k in _HOST_KEYS if k in stats1},
         "num_prompts": n, "input_len": n_in, "output_len": n_out,
         "elapsed_time_s": elapsed,
         "num_requests": finished,
@@ -98,6 +105,9 @@ def run_throughput(args: argparse.Namespace, llm=None) -> dict:
         ("Device:", result["device"]),
         ("Prompts x (input / output):", f"{n} x ({n_in} / {n_out})"),
         ("Elapsed (s):", elapsed),
+        ("Host ms/step: sched, pack, dispatch, wait, post:", ", ".join(
+            f"{1e3 * result['host'].get(k, 0.0) / max(result['host'].get('num_steps', 1), 1):.2f}" for k in
+            ("time_schedule_s", "time_pack_s", "time_dispatch_s", "time_wait_s", "time_postprocess_s"))),
         ("Request throughput (req/s):", result["requests_per_second"]),
         ("Output token throughput (tok/s):", result["output_tokens_per_second"]),
         ("Total token throughput (tok/s):", result["tokens_per_second"]),

@@ -6,12 +6,7 @@
 #   bash tools/run_engine_session.sh   (carry .whl: jax-triton + the HTTP server's wheels; results in $OUT/all.tgz)
 set -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-./bench_out}; mkdir -p "$OUT"
-WHL=${WHL:-.whl}; [[ -d $WHL ]] || WHL=../.whl
-if ls $WHL/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHL/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}" TF_CPP_MIN_LOG_LEVEL=2 JAXLLM_CACHE_DIR=/tmp/jaxllm_cache
+source tools/device_env.sh
 BASE="--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --num-kv-blocks 16384"
 SMALL="--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 8 --max-num-batched-tokens 1024 --num-kv-blocks 1024"
 OUT=$OUT BUDGET_S=${BUDGET_S:-440} STEPS=${STEPS:-"hw throughput_8b serve_8b latency_8b latency_small"} NUM_PROMPTS=${NUM_PROMPTS:-1000} \

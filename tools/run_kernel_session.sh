@@ -5,13 +5,7 @@
 #   bash tools/run_kernel_session.sh    (carry .whl with the jax-triton wheel; results in $OUT)
 set -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-./bench_out}; mkdir -p "$OUT"
-WHL=${WHL:-.whl}; [[ -d $WHL ]] || WHL=../.whl      # .snap/ runs carry .whl beside it
-if ls $WHL/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHL/*.whl && export PYTHONPATH=/tmp/site
-fi
-python3 -c "import jax_triton" 2>/dev/null || echo "### WARNING: jax_triton not importable: the triton rows will be missing"
-export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}" TF_CPP_MIN_LOG_LEVEL=2
+source tools/device_env.sh
 T0=$SECONDS
 ws_ok=1
 if (( ${WS_CHECK_S:-150} > 0 )); then

@@ -5,10 +5,7 @@
 # the setting whose 300-prompt run was fastest.
 set -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-./bench_out}; mkdir -p "$OUT"
-WHL=${WHL:-.whl}; [[ -d $WHL ]] || WHL=../.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHL/*.whl && export PYTHONPATH=/tmp/site
-export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}" TF_CPP_MIN_LOG_LEVEL=2 JAXLLM_CACHE_DIR=/tmp/jaxllm_cache
+source tools/device_env.sh
 F="--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048 --num-kv-blocks 16384"
 VARIANTS=("default:" "cb_off:--xla_gpu_enable_command_buffer=" \
           "cb_ctrl:--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL")

@@ -6,10 +6,7 @@
 # the full workload unprofiled (with the host's per-step timings).
 set -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-./bench_out}; mkdir -p "$OUT"
-WHL=${WHL:-.whl}; [[ -d $WHL ]] || WHL=../.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHL/*.whl && export PYTHONPATH=/tmp/site
-export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}" TF_CPP_MIN_LOG_LEVEL=2 JAXLLM_CACHE_DIR=/tmp/jaxllm_cache
+source tools/device_env.sh
 F="--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048 --num-kv-blocks 16384"
 if [[ -n "${FULL_PROMPTS:-}" ]]; then   # first an unprofiled run of the full workload (host timings)
   timeout 200 python3 -m jaxllm.entrypoints.cli bench throughput --model llama-3.1-8b $F --num-prompts $FULL_PROMPTS \

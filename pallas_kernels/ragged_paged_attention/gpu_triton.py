@@ -256,9 +256,7 @@ def plan(t: int, s: int, pages_per_seq: int, page_size: int, hq: int, hkv: int, 
         raise ValueError(f"block_m: must be a power of two >= max(16, group={group}), got {bm}")
     if not _pow2(bn) or bn < 16:
         raise ValueError(f"block_n: must be a power of two >= 16, got {bn}")
-    warps = num_warps or 4       # H100 sweep (session 3): 4 warps beat 8 on 128-row prefill
-    if not num_warps and bm >= 256:
-        warps = 8
+    warps = num_warps or (8 if bm >= 256 else 4)   # H100 sweep (session 3): 4 beat 8 at 128 rows
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps: must be one of 1, 2, 4, 8, 16, got {warps}")
     stages = num_stages or (4 if decode else 3)

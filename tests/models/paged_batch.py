@@ -7,8 +7,12 @@ pages interleave) and turns "sequence i gets these new tokens" into the padded a
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxllm.layers.attention_metadata import AttentionMetadata
 
@@ -57,3 +61,16 @@ class PagedBatcher:
             num_seqs=jnp.asarray([s], jnp.int32),
         )
         return jnp.asarray(ids + [0] * pad, jnp.int32), md
+
+
+def jitted_step(model):
+    """``step(kv_caches, input_ids, md) -> (kv_caches, f32 logits [T, vocab])`` for ``model``,
+    jitted with the caches donated (the runner's step without sampling)."""
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(kv_caches, input_ids, md):
+        m = nnx.merge(graphdef, state)
+        kv_caches, hidden = m(kv_caches, input_ids, md)   # hidden: [T, hidden_size]
+        return kv_caches, m.compute_logits(hidden)         # f32[T, vocab]
+    return step

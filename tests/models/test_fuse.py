@@ -10,7 +10,6 @@ devices (XLA reads the device-count flag only at backend start).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from jaxllm.models.fuse import ENV_VAR, fuse_projections, fusion_enabled  # noqa
 from jaxllm.models.hf_config import load_hf_config  # noqa: E402
 from jaxllm.models.loader import load_model  # noqa: E402
 from tests.conftest import TINY_CHECKPOINTS, VOCAB_SIZE  # noqa: E402
-from tests.models.paged_batch import PagedBatcher  # noqa: E402
+from tests.models.paged_batch import PagedBatcher, jitted_step  # noqa: E402
 
 PAGE_SIZE, NUM_PAGES, PAGES_PER_SEQ = 4, 24, 6
 PAD_TOKENS, PAD_SEQS = 24, 4
@@ -43,13 +42,7 @@ KINDS = ("llama", "llama_tied", "qwen2", "qwen3")  # GQA; all biases + head_dim 
 def greedy(model, mesh=None) -> tuple[list[list[int]], list[np.ndarray]]:
     """Prefill ``PROMPT_LENS`` random prompts in one ragged batch, then ``DECODE_STEPS`` greedy
     decode steps; returns the generated tokens per sequence and each step's f32 logits."""
-    graphdef, state = nnx.split(model)
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(kv_caches, input_ids, md):
-        m = nnx.merge(graphdef, state)
-        kv_caches, hidden = m(kv_caches, input_ids, md)      # hidden: [T, hidden_size]
-        return kv_caches, m.compute_logits(hidden)           # f32[T, vocab]
+    step = jitted_step(model)
 
     num_layers, num_kv_heads, head_dim = model.kv_cache_spec
     kv_sharding = None

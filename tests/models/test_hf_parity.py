@@ -7,7 +7,6 @@ the chunked prompt; every token's logits must match HF's full forward over the s
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,23 +18,12 @@ from jaxllm.config import ModelConfig
 from jaxllm.models.hf_config import load_hf_config
 from jaxllm.models.loader import load_model
 from tests.conftest import TINY_CHECKPOINTS, VOCAB_SIZE, make_tiny_checkpoint
-from tests.models.paged_batch import PagedBatcher
+from tests.models.paged_batch import PagedBatcher, jitted_step
 
 PAGE_SIZE, NUM_PAGES, PAGES_PER_SEQ = 4, 40, 6
 PAD_TOKENS, PAD_SEQS = 32, 6
 PROMPT_LENS = (5, 12, 1, 9)   # seq 3 is prefilled in two chunks (6 + 3 tokens)
 ATOL, RTOL = 1e-4, 1e-3
-
-
-def _step_fn(model):
-    graphdef, state = nnx.split(model)
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(kv_caches, input_ids, md):
-        m = nnx.merge(graphdef, state)
-        kv_caches, hidden = m(kv_caches, input_ids, md)   # hidden: [T, hidden_size]
-        return kv_caches, m.compute_logits(hidden)         # f32[T, vocab]
-    return step
 
 
 def _hf_logits(hf_model, tokens: list[int]) -> np.ndarray:
@@ -66,7 +54,7 @@ def models(request, tmp_path_factory):
     model = load_model(ModelConfig(model=path), load_hf_config(path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                            attn_implementation="eager").eval()
-    return request.param, model, hf, _step_fn(model)
+    return request.param, model, hf, jitted_step(model)
 
 
 def test_prefill_then_decode_matches_hf(models):
